@@ -1,0 +1,31 @@
+"""t5x_like: one JAX engine for E5-family text embedders and long-context decoders."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml_collections>=1.1.0",
+    "absl-py",
+    "numpy",
+    "sentencepiece",
+    "tokenizers",
+    "safetensors",
+    "tqdm",
+]
+
+setup(
+    name="t5x_like",
+    version="0.1.0",
+    description="JAX research codebase: E5 text embeddings and long-context decoders",
+    packages=find_packages(include=["t5x_like", "t5x_like.*"]),
+    python_requires=">=3.11",
+    install_requires=CORE,
+    extras_require={
+        # seqio / TensorFlow live only in t5x_like/data/ (GPU hosts may have no TensorFlow).
+        "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets"],
+        "test": ["pytest", "torch", "transformers"],
+    },
+)

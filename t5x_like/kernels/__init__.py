@@ -1,0 +1,1 @@
+"""Attention kernels behind one entry point: ``attention.dot_product_attention``."""

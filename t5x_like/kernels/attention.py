@@ -1,0 +1,273 @@
+"""The one attention entry point of t5x_like.
+
+``dot_product_attention(q, k, v, *, causal, segment_ids, implementation, ...)``
+with q ``[batch, q_len, heads, head_dim]`` and k, v
+``[batch, kv_len, kv_heads, head_dim]`` (the layout of
+``jax.nn.dot_product_attention``). Grouped-query attention when
+``heads % kv_heads == 0``: query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+
+Masking semantics, shared by every backend:
+
+* ``causal``: query ``i`` sees key ``j`` only when ``j <= i``, both counted from 0
+  (top-left aligned, as ``jax.nn.dot_product_attention``).
+* ``segment_ids`` ``[batch, q_len]`` / ``kv_segment_ids`` ``[batch, kv_len]``
+  (int32): a query sees only keys with the same id. Give padding its own id.
+  ``kv_segment_ids`` defaults to ``segment_ids`` (which then needs
+  ``q_len == kv_len``).
+* A query row that sees no key returns zeros (never NaN), with zero gradients.
+
+Backends register themselves in ``IMPLEMENTATIONS``; the Pallas kernels plug in
+there. Every backend is tested against a float64 numpy reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from t5x_like.kernels import chunked as _chunked
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """Validated, static facts about one attention call, passed to backends."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    scale: float
+    block_sizes: tuple[int, int] | None = None  # (block_q, block_k) for blockwise backends
+
+    @property
+    def groups(self) -> int:
+        return self.heads // self.kv_heads
+
+
+class Backend(Protocol):
+    def __call__(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        q_segment_ids: jax.Array | None,
+        kv_segment_ids: jax.Array | None,
+        spec: AttentionSpec,
+        *,
+        interpret: bool,
+    ) -> jax.Array: ...
+
+
+IMPLEMENTATIONS: dict[str, Backend] = {}
+
+
+def register(name: str) -> Callable[[Backend], Backend]:
+    """Decorator that adds a backend under ``name`` (used by kernels/pallas_*.py)."""
+
+    def wrap(fn: Backend) -> Backend:
+        IMPLEMENTATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    implementation: str = "xla",
+    interpret: bool = False,
+    scale: float | None = None,
+    block_sizes: tuple[int, int] | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention; returns ``[batch, q_len, heads, head_dim]`` in q's dtype.
+
+    ``implementation``: ``"xla"`` (the plain reference), ``"chunked"`` (online
+    softmax over blocks, memory linear in length), ``"cudnn"`` (NVIDIA GPUs), or
+    any backend registered later (``"pallas"``). ``interpret`` runs Pallas kernels
+    in interpret mode (needed on CPU). ``scale`` defaults to ``head_dim ** -0.5``.
+    ``block_sizes`` ``(block_q, block_k)`` tunes blockwise backends (others ignore it).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention implementation {implementation!r} is unknown; "
+            f"available: {sorted(IMPLEMENTATIONS)}"
+        )
+    spec = _validate(q, k, v, causal, segment_ids, kv_segment_ids, scale)
+    if block_sizes is not None:
+        if len(block_sizes) != 2 or min(block_sizes) < 1:
+            raise ValueError(f"attention: block_sizes must be (block_q, block_k) >= 1, got {block_sizes}")
+        spec = dataclasses.replace(spec, block_sizes=(int(block_sizes[0]), int(block_sizes[1])))
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    if kv_segment_ids is not None and segment_ids is None:
+        raise ValueError("kv_segment_ids was given without segment_ids (the query side's ids)")
+    return IMPLEMENTATIONS[implementation](
+        q, k, v, segment_ids, kv_segment_ids, spec, interpret=interpret
+    )
+
+
+def _validate(q, k, v, causal, segment_ids, kv_segment_ids, scale) -> AttentionSpec:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(
+                f"attention: {name} must be [batch, length, heads, head_dim], got shape {x.shape}"
+            )
+    batch, q_len, heads, head_dim = q.shape
+    _, kv_len, kv_heads, _ = k.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {k.shape} and v {v.shape} must have the same shape")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(
+            f"attention: q {q.shape} and k {k.shape} disagree on batch or head_dim"
+        )
+    if heads % kv_heads:
+        raise ValueError(
+            f"attention: heads={heads} is not a multiple of kv_heads={kv_heads} (GQA needs it)"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if segment_ids is not None:
+        _check_ids("segment_ids", segment_ids, batch, q_len)
+        if kv_segment_ids is None and q_len != kv_len:
+            raise ValueError(
+                f"attention: q_len={q_len} != kv_len={kv_len}, so kv_segment_ids must be given"
+            )
+    if kv_segment_ids is not None:
+        _check_ids("kv_segment_ids", kv_segment_ids, batch, kv_len)
+    return AttentionSpec(
+        batch=batch,
+        q_len=q_len,
+        kv_len=kv_len,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        causal=bool(causal),
+        scale=float(head_dim**-0.5 if scale is None else scale),
+    )
+
+
+def _check_ids(name: str, ids: jax.Array, batch: int, length: int) -> None:
+    if ids.shape != (batch, length):
+        raise ValueError(f"attention: {name} must be [batch, length]=({batch}, {length}), got {ids.shape}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"attention: {name} must be integer, got {ids.dtype}")
+
+
+# ------------------------------------------------------------------------ masks
+
+
+def attention_mask(
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    spec: AttentionSpec,
+    q_offset: jax.Array | int = 0,
+    kv_offset: jax.Array | int = 0,
+) -> jax.Array | None:
+    """Boolean visibility ``[batch or 1, q, kv]`` for positions offset by q/kv_offset."""
+    mask = None
+    if spec.causal:
+        q_pos = q_offset + jnp.arange(spec.q_len)[:, None]
+        kv_pos = kv_offset + jnp.arange(spec.kv_len)[None, :]
+        mask = (kv_pos <= q_pos)[None]
+    if q_segment_ids is not None:
+        same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+# ----------------------------------------------------------------- xla (reference)
+
+
+@register("xla")
+def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):
+    del interpret
+    b, t, h, d = q.shape
+    qg = q.reshape(b, t, spec.kv_heads, spec.groups, d)
+    # Logits [batch, kv_heads, groups, q, kv] in fp32; k/v are read once per kv head.
+    logits = jnp.einsum(
+        "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
+    ) * jnp.float32(spec.scale)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, spec)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    # Rows that see nothing have max -inf; shift by 0 so exp gives exact zeros.
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    p = jnp.exp(logits - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+# ------------------------------------------------------------------------ chunked
+
+
+@register("chunked")
+def _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):
+    del interpret
+    block_q, block_k = spec.block_sizes or (_chunked.DEFAULT_BLOCK_Q, _chunked.DEFAULT_BLOCK_K)
+    return _chunked.flash_attention(
+        q, k, v, q_segment_ids, kv_segment_ids,
+        causal=spec.causal, scale=spec.scale, block_q=block_q, block_k=block_k,
+    )
+
+
+# -------------------------------------------------------------------------- cudnn
+
+
+@register("cudnn")
+def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):
+    del interpret
+    backend = jax.default_backend()
+    if backend != "gpu":
+        raise RuntimeError(
+            f"implementation='cudnn' needs an NVIDIA GPU, but jax's default backend is "
+            f"{backend!r}; use implementation='xla' or 'chunked' here"
+        )
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"implementation='cudnn' takes bfloat16 or float16 inputs, got {q.dtype}; cast first "
+            "or use implementation='xla'"
+        )
+    mask = None
+    if q_segment_ids is not None:
+        # cuDNN's fused kernel has no segment ids: a dense [b, 1, q, kv] mask stands in
+        # (quadratic memory; the Pallas kernel is the packed-document path).
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=spec.causal, scale=spec.scale, implementation="cudnn"
+    )
+    if q_segment_ids is not None:
+        sees_any = jnp.any(q_segment_ids[:, :, None] == kv_segment_ids[:, None, :], axis=-1)
+        out = jnp.where(sees_any[:, :, None, None], out, jnp.zeros_like(out))
+    return out
+
+
+def flops(spec: AttentionSpec, backward: bool = False) -> float:
+    """Model FLOPs of one call (causal counted as half), for benchmarks and MFU."""
+    f = 4.0 * spec.batch * spec.heads * spec.q_len * spec.kv_len * spec.head_dim
+    if spec.causal:
+        f /= 2
+    return f * (3.5 if backward else 1.0)  # fwd+bwd = fwd + 2.5 fwd (recomputed logits)
+
+
+__all__ = [
+    "AttentionSpec",
+    "IMPLEMENTATIONS",
+    "attention_mask",
+    "dot_product_attention",
+    "flops",
+    "register",
+]

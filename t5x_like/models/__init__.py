@@ -1,0 +1,1 @@
+"""Flax models: shared layers, RoPE, the Llama-shaped decoder."""

@@ -1,0 +1,212 @@
+"""Building blocks shared by the encoder and the decoder, all logically annotated.
+
+Parameters are created in ``param_dtype`` (fp32) and carry logical axis names
+through ``nn.with_logical_partitioning``; computation runs in ``dtype``
+(e.g. bf16). Large activations are constrained with
+``partitioning.with_logical_constraint`` so the mesh layout follows the rules
+table.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from t5x_like.kernels.attention import dot_product_attention
+from t5x_like.partitioning import with_logical_constraint
+
+Dtype = jnp.dtype | str
+Initializer = Callable[..., jax.Array]
+
+
+def default_init(stddev: float = 0.02) -> Initializer:
+    return nn.initializers.normal(stddev)
+
+
+def annotated(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
+    return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Llama): statistics in fp32, scale per feature."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", annotated(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * jnp.asarray(scale, jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias (BERT / XLM-R), statistics in fp32."""
+
+    eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", annotated(nn.initializers.ones, ("norm",)), features,
+                           self.param_dtype)
+        bias = self.param("bias", annotated(nn.initializers.zeros, ("norm",)), features,
+                          self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale + bias).astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """A projection contracting the last ``len(in_axes)`` input dims, annotated.
+
+    ``in_axes`` / ``out_axes`` are the logical names of the contracted input dims
+    and of the produced dims; the kernel is ``[*in_dims, *out_dims]``.
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_axes)
+        in_dims = x.shape[-n_in:]
+        kernel = self.param(
+            "kernel",
+            annotated(self.kernel_init, self.in_axes + self.out_axes),
+            tuple(in_dims) + tuple(self.features),
+            self.param_dtype,
+        )
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", annotated(nn.initializers.zeros, self.out_axes), tuple(self.features),
+                self.param_dtype,
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding ``[vocab, embed]``; ``attend`` gives tied output logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axes: tuple[str, str] = ("vocab", "embed")
+    embedding_init: Initializer = default_init()
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            annotated(self.embedding_init, self.axes),
+            (self.num_embeddings, self.features),
+            self.param_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # Gather the (FSDP / vocab-sharded) table first: a gather from a table
+        # sharded on both axes makes XLA replicate it anyway, less efficiently.
+        table = with_logical_constraint(self.embedding, (None, None))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum(
+            "...e,ve->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention through the one attention entry point.
+
+    ``rotary`` (optional) is applied to q and k as ``rotary(x, positions)``.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    causal: bool
+    use_bias: bool = False
+    out_bias: bool = False
+    implementation: str = "xla"
+    interpret: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_init()
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None,
+        positions: jax.Array | None = None,
+        rotary: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    ) -> jax.Array:
+        def proj(name, heads, axes):
+            return Dense(
+                features=(heads, self.head_dim), in_axes=("embed",), out_axes=(axes, "head_dim"),
+                use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=self.kernel_init, name=name,
+            )(x)
+
+        q = proj("query", self.num_heads, "heads")
+        k = proj("key", self.num_kv_heads, "kv_heads")
+        v = proj("value", self.num_kv_heads, "kv_heads")
+        if rotary is not None:
+            q, k = rotary(q, positions), rotary(k, positions)
+        q = with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
+        v = with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
+        out = dot_product_attention(
+            q, k, v, causal=self.causal, segment_ids=segment_ids,
+            implementation=self.implementation, interpret=self.interpret,
+        )
+        out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        return Dense(
+            features=(x.shape[-1],), in_axes=("heads", "head_dim"), out_axes=("embed",),
+            use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+            kernel_init=self.kernel_init, name="out",
+        )(out)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward (Llama / Mistral / Qwen2): down(silu(gate(x)) * up(x))."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def dense(name, features, in_axes, out_axes):
+            return Dense(features=(features,), in_axes=in_axes, out_axes=out_axes,
+                         dtype=self.dtype, param_dtype=self.param_dtype,
+                         kernel_init=self.kernel_init, name=name)
+
+        gate = dense("gate", self.mlp_dim, ("embed",), ("mlp",))(x)
+        up = dense("up", self.mlp_dim, ("embed",), ("mlp",))(x)
+        h = with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense("down", x.shape[-1], ("mlp",), ("embed",))(h)
