@@ -5,7 +5,8 @@
     python bench/attention.py --record              # also append the table to bench/RESULTS.md
 
 Reports forward and forward+backward TFLOP/s (causal FLOPs counted as half; the
-backward counted as 2.5 forwards) as the median of ``--repeats`` timed calls after
+backward counted as 2.5 forwards; document masking not subtracted, so ``packed``
+is effective throughput) as the median of ``--repeats`` timed calls after
 one warm-up. Modes: ``causal``; ``packed`` (causal over 8 documents per row, segment
 ids); ``bidir-padded`` (bidirectional, the last 1/8 of each row padding with its own
 id). Runs unchanged on CPU, GPU and TPU; ``tokamax.dot_product_attention`` joins the

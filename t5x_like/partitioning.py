@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -399,12 +399,6 @@ def shard_batch(mesh: Mesh, batch: Any, rules: Rules | None = None) -> Any:
         return jax.device_put(x, sharding)
 
     return jax.tree.map(put, batch)
-
-
-def mesh_axis_names_for(logical: Iterable[str], rules: Rules | None = None) -> tuple[str, ...]:
-    """The mesh axes that a set of logical names map to (e.g. where batch is split)."""
-    spec = logical_to_mesh_axes(tuple(logical), rules)
-    return tuple(a for target in spec for a in _as_tuple(target))
 
 
 # ------------------------------------------------------------- sharded Flax init
