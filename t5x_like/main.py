@@ -77,11 +77,10 @@ def run(config) -> dict[str, float]:
 
     model = Decoder(model_cfg)
     tokens = jnp.asarray(batch["tokens"])
-    params, shardings = part.sharded_init(model, mesh, jax.random.key(config.seed), tokens)
+    params, _ = part.sharded_init(model, mesh, jax.random.key(config.seed), tokens)
     print(f"decoder: {count_params(params):,} parameters, {model_cfg.num_layers} layers")
-    for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0][:6]:
-        leaf = _get(params, path)
-        print(f"  {jax.tree_util.keystr(path):40s} {str(leaf.shape):16s} {sharding.spec}")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0][:6]:
+        print(f"  {jax.tree_util.keystr(path):40s} {str(leaf.shape):16s} {leaf.sharding.spec}")
 
     results = {}
     logits_by_impl = {}
@@ -114,12 +113,6 @@ def run(config) -> dict[str, float]:
         print(f"max |logits[{other}] - logits[{impls[0]}]| = {diff:.2e}")
         results[f"diff_{other}"] = float(diff)
     return results
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key.key]
-    return tree
 
 
 def main(argv):
