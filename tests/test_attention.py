@@ -1,12 +1,20 @@
 """Every attention implementation against a float64 numpy reference written here."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 import jax
 import jax.numpy as jnp
 
-from t5x_like.kernels.attention import IMPLEMENTATIONS, dot_product_attention
+from t5x_like.kernels import chunked
+from t5x_like.kernels.attention import (
+    IMPLEMENTATIONS,
+    AttentionSpec,
+    dot_product_attention,
+    flops,
+)
 
 CPU_IMPLEMENTATIONS = ["xla", "chunked"]
 # Small blocks so that the blockwise backend crosses many block boundaries.
@@ -16,7 +24,22 @@ BLOCKS = {"xla": None, "chunked": (8, 16)}
 # ------------------------------------------------------------ float64 reference
 
 
-def reference(q, k, v, q_seg, kv_seg, causal, d_out):
+def position_mask(tq, tk, causal, window=None):
+    """[tq, tk] visibility by position: causal j <= i; window i - w < j (and j - w < i
+    without causal), as Hugging Face's Mistral sliding-window mask."""
+    i = np.arange(tq)[:, None]
+    j = np.arange(tk)[None, :]
+    mask = np.ones((tq, tk), bool)
+    if causal:
+        mask &= j <= i
+    if window is not None:
+        mask &= i - window < j
+        if not causal:
+            mask &= j - window < i
+    return mask
+
+
+def reference(q, k, v, q_seg, kv_seg, causal, d_out, window=None):
     """Attention and its gradients in float64, dense and direct (no tricks).
 
     Returns out, dq, dk, dv for the loss sum(out * d_out).
@@ -30,9 +53,7 @@ def reference(q, k, v, q_seg, kv_seg, causal, d_out):
     ke = np.repeat(k, g, axis=2)
     ve = np.repeat(v, g, axis=2)
     s = np.einsum("bqhd,bkhd->bhqk", q, ke) * scale
-    mask = np.ones((b, tq, tk), bool)
-    if causal:
-        mask &= np.arange(tk)[None, None, :] <= np.arange(tq)[None, :, None]
+    mask = np.broadcast_to(position_mask(tq, tk, causal, window), (b, tq, tk)).copy()
     if q_seg is not None:
         mask &= np.asarray(q_seg)[:, :, None] == np.asarray(kv_seg)[:, None, :]
     mask = mask[:, None]
@@ -216,3 +237,163 @@ def test_float_segment_ids_rejected():
     q = jnp.ones((1, 8, 2, 16))
     with pytest.raises(ValueError, match="must be integer"):
         dot_product_attention(q, q, q, segment_ids=jnp.zeros((1, 8)))
+
+
+# ------------------------------------------------------------------ sliding window
+
+WINDOW_CASES = [
+    # name, b, tq, tk, h, kh, d, causal, segments, window, chunked block sizes
+    ("causal-w12", 2, 40, 40, 4, 2, 16, True, None, 12, (8, 8)),
+    ("bidir-w12", 2, 40, 40, 4, 2, 16, False, None, 12, (8, 8)),
+    ("causal-w5-len-37", 2, 37, 37, 4, 4, 16, True, None, 5, (8, 16)),
+    ("bidir-w9-len-45", 2, 45, 45, 4, 2, 8, False, None, 9, (16, 8)),
+    ("gqa-8:1-causal-w12", 1, 40, 40, 8, 1, 32, True, None, 12, (8, 8)),
+    ("packed-8-docs-causal-w6", 2, 64, 64, 4, 2, 16, True, 8, 6, (8, 8)),
+    ("packed-padded-bidir-w10", 3, 48, 48, 6, 3, 16, False, 5, 10, (8, 8)),
+    ("causal-w100-len-33", 2, 33, 33, 4, 4, 16, True, None, 100, (8, 8)),
+    ("causal-w1", 2, 40, 40, 4, 2, 16, True, None, 1, (8, 8)),
+    ("bidir-w1", 2, 37, 37, 4, 2, 16, False, None, 1, (8, 8)),
+    # Queries past kv_len + window - 1 see nothing: zeros, zero grads.
+    ("q>kv-causal-w6", 2, 45, 19, 4, 2, 16, True, None, 6, (8, 8)),
+    ("q<kv-bidir-w6", 2, 17, 45, 4, 2, 16, False, None, 6, (8, 8)),
+]
+
+# Windows not aligned to the blocks and smaller than them: a loop bound off by one
+# block (a ceil for a floor, the causal bound for the window's) drops visible keys.
+SMALL_WINDOW_CASES = [
+    ("causal-w3-8x8", 1, 40, 40, 2, 1, 16, True, None, 3, (8, 8)),
+    ("bidir-w3-8x8", 1, 40, 40, 2, 1, 16, False, None, 3, (8, 8)),
+    ("causal-w10-8x16", 1, 40, 40, 2, 1, 16, True, None, 10, (8, 16)),
+    ("bidir-w5-16x8-len-37", 1, 37, 37, 2, 1, 16, False, None, 5, (16, 8)),
+    ("causal-w2-1x1", 1, 12, 12, 2, 1, 8, True, None, 2, (1, 1)),
+    ("bidir-w4-5x3-q<kv", 1, 13, 22, 2, 1, 8, False, None, 4, (5, 3)),
+]
+
+
+def run_window_case(impl, case, dtype, seed=0):
+    name, b, tq, tk, h, kh, d, causal, segments, window, blocks = case
+    rng = np.random.default_rng(seed)
+    q, k, v, d_out = random_inputs(rng, b, tq, tk, h, kh, d, dtype)
+    seg = case_segments(rng, name, b, tq, segments)
+
+    def loss(q, k, v):
+        out = dot_product_attention(
+            q, k, v, causal=causal, segment_ids=seg, implementation=impl,
+            block_sizes=blocks if impl == "chunked" else None, sliding_window=window,
+        )
+        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    want = reference(q, k, v, seg, seg, causal, d_out, window)
+    return (out,) + tuple(grads), want
+
+
+def assert_matches(got, want, tol, what):
+    for label, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        if np.any(w):
+            err = rel_err(g, w)
+        else:
+            # Window 1: one key per row, so the softmax is constant and dq = dk = 0.
+            err = np.max(np.abs(np.asarray(g, np.float64)))
+        assert err <= tol, f"{what} {label}: error {err:.2e}"
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+def test_window_fp32_forward_and_gradients(impl, case):
+    got, want = run_window_case(impl, case, jnp.float32)
+    assert all(g.dtype == jnp.float32 for g in got)
+    assert_matches(got, want, 1e-5, f"{impl} {case[0]}")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", [WINDOW_CASES[0], WINDOW_CASES[5]], ids=lambda c: c[0])
+def test_window_bf16_forward_and_gradients(impl, case):
+    got, want = run_window_case(impl, case, jnp.bfloat16, seed=1)
+    assert all(g.dtype == jnp.bfloat16 for g in got)
+    assert_matches(got, want, 2e-2, f"{impl} {case[0]}")
+
+
+@pytest.mark.parametrize("case", SMALL_WINDOW_CASES, ids=[c[0] for c in SMALL_WINDOW_CASES])
+def test_chunked_small_unaligned_window_keeps_every_visible_block(case):
+    got, want = run_window_case("chunked", case, jnp.float32)
+    assert_matches(got, want, 1e-5, f"chunked {case[0]}")
+
+
+@pytest.mark.parametrize(
+    "causal, window, tq, tk, blocks",
+    [
+        (True, 12, 40, 40, (8, 8)),
+        (False, 12, 40, 40, (8, 8)),
+        (True, 3, 40, 40, (8, 8)),
+        (False, 5, 37, 37, (16, 8)),
+        (True, 10, 40, 40, (8, 16)),
+        (True, 6, 45, 19, (8, 8)),
+        (False, 6, 17, 45, (8, 8)),
+        (True, None, 45, 19, (8, 8)),
+    ],
+)
+def test_chunked_loops_visit_exactly_the_visible_blocks(causal, window, tq, tk, blocks):
+    """The loop bounds, against the block mask: no visible block left out, none outside
+    the first..last visible block visited (so a window skips blocks, not just masks them)."""
+    bq, bk = min(blocks[0], tq), min(blocks[1], tk)
+    nq, nk = -(-tq // bq), -(-tk // bk)
+    st = chunked._Static(causal=causal, scale=1.0, bq=bq, bk=bk, kv_len=tk, sliding_window=window)
+    visible = np.array(
+        [[bool(jnp.any(chunked._block_mask(st, i, j, None, None))) for j in range(nk)]
+         for i in range(nq)]
+    )
+    visited = 0
+    for i in range(nq):
+        lo, hi = int(chunked._first_kv_block(st, i)), int(chunked._last_kv_block(st, i, nk))
+        seen = np.flatnonzero(visible[i])
+        if seen.size:
+            assert (lo, hi) == (seen[0], seen[-1] + 1), f"forward, query block {i}"
+        visited += max(hi - lo, 0)
+    for j in range(nk):
+        lo, hi = int(chunked._first_q_block(st, j)), int(chunked._last_q_block(st, j, nq))
+        seen = np.flatnonzero(visible[:, j])
+        if seen.size:
+            assert (lo, hi) == (seen[0], seen[-1] + 1), f"backward, key block {j}"
+    if window is not None and window < min(tq, tk) // 2:
+        assert visited < nq * nk  # some blocks are never looked at
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_window_at_least_the_length_is_no_window(impl, causal):
+    rng = np.random.default_rng(4)
+    q, k, v, _ = random_inputs(rng, 1, 33, 33, 4, 2, 16, jnp.float32)
+    outs = [
+        dot_product_attention(q, k, v, causal=causal, implementation=impl,
+                              block_sizes=BLOCKS[impl], sliding_window=w)
+        for w in (None, 33, 1000)
+    ]
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("window", [0, -2, 2.5, True])
+def test_bad_sliding_window_rejected(window):
+    q = jnp.ones((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="sliding_window"):
+        dot_product_attention(q, q, q, causal=True, sliding_window=window)
+
+
+def test_cudnn_rejects_a_symmetric_window():
+    q = jnp.ones((1, 8, 2, 16), jnp.bfloat16)
+    with pytest.raises(ValueError, match="sliding_window only with causal=True"):
+        dot_product_attention(q, q, q, implementation="cudnn", sliding_window=4)
+
+
+def test_flops_count_the_pairs_inside_the_window():
+    t = 16
+    spec = AttentionSpec(1, t, t, 1, 1, 1, True, 1.0)
+    assert flops(spec) == 4 * t * t / 2  # causal, no window: the half convention
+    assert flops(spec, backward=True) == 3.5 * flops(spec)
+    for causal in (True, False):
+        for w in (1, 5, t):
+            windowed = dataclasses.replace(spec, causal=causal, sliding_window=w)
+            assert flops(windowed) == 4 * position_mask(t, t, causal, w).sum(), (causal, w)
+    longer = dataclasses.replace(spec, sliding_window=t + 1)
+    assert flops(longer) == flops(spec)

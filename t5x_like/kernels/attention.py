@@ -10,6 +10,11 @@ Masking semantics, shared by every backend:
 
 * ``causal``: query ``i`` sees key ``j`` only when ``j <= i``, both counted from 0
   (top-left aligned, as ``jax.nn.dot_product_attention``).
+* ``sliding_window`` ``w`` (local attention, as Mistral / Qwen2; the sliding-window
+  causal mask of Hugging Face transformers): query ``i`` sees key ``j`` only when
+  ``i - w < j``, so at most ``w`` keys including itself; with ``causal`` also
+  ``j <= i``. Without ``causal`` the window is symmetric: ``|i - j| < w``. Indices
+  as for ``causal``; ``w >= max(q_len, kv_len)`` is no window.
 * ``segment_ids`` ``[batch, q_len]`` / ``kv_segment_ids`` ``[batch, kv_len]``
   (int32): a query sees only keys with the same id. Give padding its own id.
   ``kv_segment_ids`` defaults to ``segment_ids`` (which then needs
@@ -23,6 +28,7 @@ there. Every backend is tested against a float64 numpy reference.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Callable, Protocol
 
 import jax
@@ -44,6 +50,7 @@ class AttentionSpec:
     causal: bool
     scale: float
     block_sizes: tuple[int, int] | None = None  # (block_q, block_k) for blockwise backends
+    sliding_window: int | None = None  # keys visible to a query, itself included
 
     @property
     def groups(self) -> int:
@@ -89,6 +96,7 @@ def dot_product_attention(
     interpret: bool = False,
     scale: float | None = None,
     block_sizes: tuple[int, int] | None = None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention; returns ``[batch, q_len, heads, head_dim]`` in q's dtype.
 
@@ -97,13 +105,15 @@ def dot_product_attention(
     any backend registered later (``"pallas"``). ``interpret`` runs Pallas kernels
     in interpret mode (needed on CPU). ``scale`` defaults to ``head_dim ** -0.5``.
     ``block_sizes`` ``(block_q, block_k)`` tunes blockwise backends (others ignore it).
+    ``sliding_window`` (an int >= 1) restricts each query to a local window of keys
+    (see the module doc).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"attention implementation {implementation!r} is unknown; "
             f"available: {sorted(IMPLEMENTATIONS)}"
         )
-    spec = _validate(q, k, v, causal, segment_ids, kv_segment_ids, scale)
+    spec = _validate(q, k, v, causal, segment_ids, kv_segment_ids, scale, sliding_window)
     if block_sizes is not None:
         if len(block_sizes) != 2 or min(block_sizes) < 1:
             raise ValueError(f"attention: block_sizes must be (block_q, block_k) >= 1, got {block_sizes}")
@@ -117,7 +127,9 @@ def dot_product_attention(
     )
 
 
-def _validate(q, k, v, causal, segment_ids, kv_segment_ids, scale) -> AttentionSpec:
+def _validate(
+    q, k, v, causal, segment_ids, kv_segment_ids, scale, sliding_window
+) -> AttentionSpec:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(
@@ -145,6 +157,7 @@ def _validate(q, k, v, causal, segment_ids, kv_segment_ids, scale) -> AttentionS
             )
     if kv_segment_ids is not None:
         _check_ids("kv_segment_ids", kv_segment_ids, batch, kv_len)
+    _check_window(sliding_window)
     return AttentionSpec(
         batch=batch,
         q_len=q_len,
@@ -154,6 +167,7 @@ def _validate(q, k, v, causal, segment_ids, kv_segment_ids, scale) -> AttentionS
         head_dim=head_dim,
         causal=bool(causal),
         scale=float(head_dim**-0.5 if scale is None else scale),
+        sliding_window=None if sliding_window is None else int(sliding_window),
     )
 
 
@@ -162,6 +176,14 @@ def _check_ids(name: str, ids: jax.Array, batch: int, length: int) -> None:
         raise ValueError(f"attention: {name} must be [batch, length]=({batch}, {length}), got {ids.shape}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"attention: {name} must be integer, got {ids.dtype}")
+
+
+def _check_window(window) -> None:
+    # bool is an int to Python, but sliding_window=True is surely a mistake.
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+        raise ValueError(f"attention: sliding_window must be an int >= 1 or None, got {window!r}")
 
 
 # ------------------------------------------------------------------------ masks
@@ -176,14 +198,23 @@ def attention_mask(
 ) -> jax.Array | None:
     """Boolean visibility ``[batch or 1, q, kv]`` for positions offset by q/kv_offset."""
     mask = None
-    if spec.causal:
+    if spec.causal or spec.sliding_window is not None:
         q_pos = q_offset + jnp.arange(spec.q_len)[:, None]
         kv_pos = kv_offset + jnp.arange(spec.kv_len)[None, :]
-        mask = (kv_pos <= q_pos)[None]
+        mask = _positions_visible(q_pos - kv_pos, spec)[None]
     if q_segment_ids is not None:
         same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         mask = same if mask is None else mask & same
     return mask
+
+
+def _positions_visible(dist: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """Whether a query sees a key ``dist = q_pos - kv_pos`` positions before it."""
+    visible = dist >= 0 if spec.causal else jnp.ones(dist.shape, bool)
+    if spec.sliding_window is not None:
+        # With causal this is 0 <= dist < w (HF Mistral: j > i - w); without, symmetric.
+        visible = visible & (jnp.abs(dist) < spec.sliding_window)
+    return visible
 
 
 # ----------------------------------------------------------------- xla (reference)
@@ -221,6 +252,7 @@ def _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSp
     return _chunked.flash_attention(
         q, k, v, q_segment_ids, kv_segment_ids,
         causal=spec.causal, scale=spec.scale, block_q=block_q, block_k=block_k,
+        sliding_window=spec.sliding_window,
     )
 
 
@@ -230,6 +262,12 @@ def _chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSp
 @register("cudnn")
 def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):
     del interpret
+    if spec.sliding_window is not None and not spec.causal:
+        # jax's cudnn path raises for any right window when the mask is not causal.
+        raise ValueError(
+            "implementation='cudnn' supports sliding_window only with causal=True (cuDNN "
+            "has no right-hand window); use implementation='xla' or 'chunked'"
+        )
     backend = jax.default_backend()
     if backend != "gpu":
         raise RuntimeError(
@@ -247,19 +285,54 @@ def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec
         # (quadratic memory; the Pallas kernel is the packed-document path).
         mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
     out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=spec.causal, scale=spec.scale, implementation="cudnn"
+        q, k, v, mask=mask, is_causal=spec.causal, scale=spec.scale, implementation="cudnn",
+        local_window_size=_cudnn_window(spec),
     )
-    if q_segment_ids is not None:
-        sees_any = jnp.any(q_segment_ids[:, :, None] == kv_segment_ids[:, None, :], axis=-1)
+    sees_any = _cudnn_rows_that_see_a_key(q_segment_ids, kv_segment_ids, spec)
+    if sees_any is not None:
         out = jnp.where(sees_any[:, :, None, None], out, jnp.zeros_like(out))
     return out
 
 
+def _cudnn_window(spec: AttentionSpec) -> tuple[int, int] | None:
+    """Our causal window as ``jax.nn.dot_product_attention``'s ``local_window_size``.
+
+    Checked in jax 0.10.2 (``jax/_src/nn/functions.py``): ``(left, right)`` lets query
+    ``i`` see keys ``i - left <= j <= i + right`` (``_get_window_mask``), so the counts
+    exclude the diagonal and our ``i - w < j`` is ``left = w - 1``. Its cudnn branch
+    then hands cuDNN ``sliding_window_length = left + 1 = w``, documented there
+    (``jax/_src/cudnn/fused_attention_stablehlo.py``) as the keys ``(i - w, i]``.
+    """
+    if spec.sliding_window is None:
+        return None
+    return (spec.sliding_window - 1, 0)
+
+
+def _cudnn_rows_that_see_a_key(q_segment_ids, kv_segment_ids, spec: AttentionSpec):
+    """``[batch or 1, q_len]`` bool, or None when every query row sees some key."""
+    if q_segment_ids is not None:
+        return jnp.any(attention_mask(q_segment_ids, kv_segment_ids, spec), axis=-1)
+    window = spec.sliding_window
+    if window is not None and spec.q_len >= spec.kv_len + window:
+        # Causal, top-left: query i's nearest key is kv_len - 1, outside the window here.
+        return (jnp.arange(spec.q_len) < spec.kv_len - 1 + window)[None]
+    return None
+
+
 def flops(spec: AttentionSpec, backward: bool = False) -> float:
-    """Model FLOPs of one call (causal counted as half), for benchmarks and MFU."""
-    f = 4.0 * spec.batch * spec.heads * spec.q_len * spec.kv_len * spec.head_dim
-    if spec.causal:
-        f /= 2
+    """Model FLOPs of one call, for benchmarks and MFU: ``4 * head_dim`` per (query, key) pair.
+
+    Pairs counted: all ``q_len * kv_len``; causal counts half. A sliding window
+    ``w <= q_len`` counts only the pairs inside it, as if ``kv_len == q_len = T``:
+    ``T*w - w*(w-1)/2`` causal, ``T*(2w-1) - w*(w-1)`` symmetric. Segment ids are ignored.
+    """
+    pairs = float(spec.q_len * spec.kv_len)
+    t, w = spec.q_len, spec.sliding_window
+    if w is not None and w <= t:
+        pairs = t * w - w * (w - 1) / 2 if spec.causal else t * (2 * w - 1) - w * (w - 1)
+    elif spec.causal:
+        pairs /= 2
+    f = 4.0 * spec.batch * spec.heads * spec.head_dim * pairs
     return f * (3.5 if backward else 1.0)  # fwd+bwd = fwd + 2.5 fwd (recomputed logits)
 
 

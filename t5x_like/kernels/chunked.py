@@ -5,12 +5,13 @@ softmax; it keeps only the output and the per-row logsumexp. The backward pass
 is written by hand (``jax.custom_vjp``) and recomputes each block's
 probabilities from the logsumexp, so no ``[q_len, kv_len]`` tensor exists in
 either direction. Blocks that no query of the block can see (the causal upper
-triangle, other documents, padding) are skipped: causal loops stop at the
-diagonal and ``lax.cond`` skips the rest.
+triangle, outside a sliding window, other documents, padding) are skipped:
+the loops run only over the blocks between the causal diagonal and the window's
+edges, and ``lax.cond`` skips the rest.
 
-Semantics are those of ``t5x_like.kernels.attention`` (top-left causal, segment
-ids, zeros for rows that see nothing). This is the portable backend and the
-algorithmic twin of the Pallas kernels.
+Semantics are those of ``t5x_like.kernels.attention`` (top-left causal, sliding
+window, segment ids, zeros for rows that see nothing). This is the portable
+backend and the algorithmic twin of the Pallas kernels.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def flash_attention(
     scale: float,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """q ``[b, Tq, H, d]``, k/v ``[b, Tk, K, d]`` → ``[b, Tq, H, d]`` (see module doc)."""
     b, q_len, h, d = q.shape
@@ -50,7 +52,9 @@ def flash_attention(
     vp = _pad_length(v, kv_pad)
     qs = None if q_segment_ids is None else _pad_length(q_segment_ids, q_pad)
     ks = None if kv_segment_ids is None else _pad_length(kv_segment_ids, kv_pad)
-    static = _Static(causal=causal, scale=scale, bq=bq, bk=bk, kv_len=kv_len)
+    static = _Static(
+        causal=causal, scale=scale, bq=bq, bk=bk, kv_len=kv_len, sliding_window=sliding_window
+    )
     out = _flash(static, qp, kp, vp, qs, ks)
     return out.reshape(b, q_len + q_pad, h, d)[:, :q_len]
 
@@ -72,6 +76,7 @@ class _Static:
     bq: int
     bk: int
     kv_len: int
+    sliding_window: int | None = None  # query i sees key j only when |i - j| < window
 
 
 def _block_mask(st: _Static, i, j, qs, ks):
@@ -81,6 +86,8 @@ def _block_mask(st: _Static, i, j, qs, ks):
     mask = (kv_pos < st.kv_len)[None, None, :]
     if st.causal:
         mask = mask & (kv_pos[None, :] <= q_pos[:, None])[None]
+    if st.sliding_window is not None:
+        mask = mask & (jnp.abs(q_pos[:, None] - kv_pos[None, :]) < st.sliding_window)[None]
     if qs is not None:
         q_ids = lax.dynamic_slice_in_dim(qs, i * st.bq, st.bq, axis=1)
         kv_ids = lax.dynamic_slice_in_dim(ks, j * st.bk, st.bk, axis=1)
@@ -88,18 +95,44 @@ def _block_mask(st: _Static, i, j, qs, ks):
     return mask
 
 
+# Loop bounds, by position only (segment ids are left to lax.cond). They are tight
+# whenever a block sees anything, so a window skips every block outside it.
+
+
+def _first_kv_block(st: _Static, i):
+    """The first key block query block i can see: where its first query's window starts."""
+    if st.sliding_window is None:
+        return 0
+    return jnp.maximum(i * st.bq - st.sliding_window + 1, 0) // st.bk
+
+
 def _last_kv_block(st: _Static, i, num_kv_blocks: int):
-    """One past the last key block a causal query block i can see."""
-    if not st.causal:
+    """One past the last key block query block i can see (causal diagonal or window end)."""
+    last_q = i * st.bq + st.bq - 1
+    if st.causal:
+        last_kv = last_q
+    elif st.sliding_window is not None:
+        last_kv = last_q + st.sliding_window - 1
+    else:
         return num_kv_blocks
-    return jnp.minimum(num_kv_blocks, (i * st.bq + st.bq - 1) // st.bk + 1)
+    return jnp.minimum(num_kv_blocks, last_kv // st.bk + 1)
 
 
 def _first_q_block(st: _Static, j):
-    """The first query block that can see key block j under the causal mask."""
-    if not st.causal:
-        return 0
-    return (j * st.bk) // st.bq
+    """The first query block that can see key block j (causal diagonal or window start)."""
+    if st.causal:
+        return (j * st.bk) // st.bq
+    if st.sliding_window is not None:
+        return jnp.maximum(j * st.bk - st.sliding_window + 1, 0) // st.bq
+    return 0
+
+
+def _last_q_block(st: _Static, j, num_q_blocks: int):
+    """One past the last query block that can see key block j: its last real key's window end."""
+    if st.sliding_window is None:
+        return num_q_blocks
+    last_kv = jnp.minimum(j * st.bk + st.bk, st.kv_len) - 1  # padding keys are invisible
+    return jnp.minimum(num_q_blocks, (last_kv + st.sliding_window - 1) // st.bq + 1)
 
 
 def _logits(st: _Static, q_blk, k_blk, mask):
@@ -141,7 +174,9 @@ def _forward(st: _Static, q, k, v, qs, ks):
             jnp.full((b, kh, g, st.bq), -jnp.inf, jnp.float32),
             jnp.zeros((b, kh, g, st.bq), jnp.float32),
         )
-        acc, m, l = lax.fori_loop(0, _last_kv_block(st, i, nk), kv_step, init)
+        acc, m, l = lax.fori_loop(
+            _first_kv_block(st, i), _last_kv_block(st, i, nk), kv_step, init
+        )
         seen = l > 0
         out = acc / jnp.where(seen, l, 1.0)[..., None]
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
@@ -211,7 +246,9 @@ def _flash_bwd(st: _Static, residuals, d_out):
             return lax.cond(jnp.any(mask), update, lambda c: c, inner)
 
         zeros = jnp.zeros((b, st.bk, kh, d), jnp.float32)
-        dq, dk_blk, dv_blk = lax.fori_loop(_first_q_block(st, j), nq, q_step, (dq, zeros, zeros))
+        dq, dk_blk, dv_blk = lax.fori_loop(
+            _first_q_block(st, j), _last_q_block(st, j, nq), q_step, (dq, zeros, zeros)
+        )
         dk = lax.dynamic_update_slice_in_dim(dk, dk_blk, j * st.bk, axis=1)
         dv = lax.dynamic_update_slice_in_dim(dv, dv_blk, j * st.bk, axis=1)
         return dq, dk, dv
