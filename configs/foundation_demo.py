@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             vocab_size=32000, embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=2,
             head_dim=32, mlp_dim=688, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False,
-            qkv_bias=False, causal=True, dtype="float32", attention="chunked", remat=False,
+            qkv_bias=False, causal=True, dtype="float32", attention="chunked", remat_policy="none",
         )
     )
     config.data = ml_collections.ConfigDict(

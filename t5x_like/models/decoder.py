@@ -1,13 +1,15 @@
-"""A Llama / Mistral-shaped decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+"""Llama / Mistral / Qwen2-shaped decoders: RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
 Packed rows are first-class: ``segment_ids`` keep documents apart in attention
-and ``positions`` restart at every document.
+and ``positions`` restart at every document. The three families differ only in
+config fields: Mistral adds ``sliding_window``, Qwen2 ``qkv_bias``; any of them
+can drop the causal mask (``causal=False``) to serve as a bidirectional
+embedder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import jax
@@ -16,9 +18,12 @@ import jax.numpy as jnp
 from t5x_like.models import layers, rope
 from t5x_like.partitioning import with_logical_constraint
 
+DECODER_TYPES = ("llama", "mistral", "qwen2")
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
+    model_type: str = "llama"  # llama | mistral | qwen2 (the HF architecture written on export)
     vocab_size: int = 32000
     embed_dim: int = 256
     num_layers: int = 4
@@ -27,20 +32,37 @@ class DecoderConfig:
     head_dim: int = 32
     mlp_dim: int = 688
     rope_theta: float = 10000.0
+    rope_scaling: rope.RopeScaling = rope.RopeScaling()
+    max_position_embeddings: int = 4096
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    sliding_window: int | None = None  # keys visible per query, including itself (Mistral)
     causal: bool = True  # False: bidirectional (decoder embedders that drop the mask)
     dtype: str = "float32"  # compute dtype; parameters are always fp32
     attention: str = "xla"  # an implementation of kernels.attention
-    remat: bool = False
+    remat_policy: str = "none"  # see layers.REMAT_POLICIES
+    scan_layers: bool = False  # one scanned layer stack (fast compiles) instead of a loop
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # configs written as plain data
+            object.__setattr__(self, "rope_scaling", rope.RopeScaling.from_hf(self.rope_scaling))
+        if self.model_type not in DECODER_TYPES:
+            raise ValueError(f"decoder config: model_type={self.model_type!r} is not one of {DECODER_TYPES}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"decoder config: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
+        if self.head_dim % 2:
+            raise ValueError(f"decoder config: head_dim={self.head_dim} must be even for RoPE")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"decoder config: sliding_window={self.sliding_window} must be >= 1")
+        layers.check_remat_policy(self.remat_policy, "decoder config: remat_policy")
+
+    def rotary(self) -> rope.Rotary:
+        return rope.Rotary(self.head_dim, self.rope_theta, self.rope_scaling,
+                           self.max_position_embeddings)
 
 
 class DecoderBlock(nn.Module):
@@ -50,22 +72,25 @@ class DecoderBlock(nn.Module):
     def __call__(self, x, segment_ids, positions):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        inv_freq = rope.inverse_frequencies(cfg.head_dim, cfg.rope_theta)
-        rotary = functools.partial(rope.apply_rope, inv_freq=inv_freq)
         h = layers.RMSNorm(cfg.norm_eps, dtype=dtype, name="attention_norm")(x)
         h = layers.Attention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-            causal=cfg.causal, use_bias=cfg.qkv_bias, implementation=cfg.attention,
-            dtype=dtype, name="attention",
-        )(h, segment_ids, positions, rotary)
+            causal=cfg.causal, use_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window,
+            implementation=cfg.attention, dtype=dtype, name="attention",
+        )(h, segment_ids, positions, cfg.rotary())
         x = with_logical_constraint(x + h, ("batch", "length", "embed"))
         h = layers.RMSNorm(cfg.norm_eps, dtype=dtype, name="mlp_norm")(x)
         h = layers.GatedMLP(cfg.mlp_dim, dtype=dtype, name="mlp")(h)
-        return with_logical_constraint(x + h, ("batch", "length", "embed"))
+        return with_logical_constraint(x + h, ("batch", "length", "embed")), None
 
 
 class Decoder(nn.Module):
-    """Token ids ``[batch, length]`` → logits ``[batch, length, vocab]`` (fp32)."""
+    """Token ids ``[batch, length]`` → logits ``[batch, length, vocab]`` (fp32).
+
+    ``segment_ids`` ``[batch, length]`` separate packed documents (and padding,
+    given its own id); ``positions`` default to ``0..length-1``.
+    ``return_hidden=True`` returns the final-normed hidden states instead.
+    """
 
     config: DecoderConfig
 
@@ -77,9 +102,10 @@ class Decoder(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name="embed")
         x = with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-        block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
-        for i in range(cfg.num_layers):
-            x = block(cfg, name=f"layer_{i}")(x, segment_ids, positions)
+        x = layers.apply_stack(
+            DecoderBlock, cfg.num_layers, remat_policy=cfg.remat_policy, scan=cfg.scan_layers,
+            x=x, args=(segment_ids, positions), config=cfg,
+        )
         x = layers.RMSNorm(cfg.norm_eps, dtype=dtype, name="final_norm")(x)
         if return_hidden:
             return x
@@ -89,8 +115,8 @@ class Decoder(nn.Module):
             logits = layers.Dense(
                 features=(cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
                 dtype=dtype, name="lm_head",
-            )(x).astype(jnp.float32)
-        return with_logical_constraint(logits, ("batch", "length", "vocab"))
+            )(x)
+        return with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 def count_params(params) -> int:

@@ -9,6 +9,7 @@ table.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -150,6 +151,7 @@ class Attention(nn.Module):
     causal: bool
     use_bias: bool = False
     out_bias: bool = False
+    sliding_window: int | None = None
     implementation: str = "xla"
     interpret: bool = False
     dtype: Dtype = jnp.float32
@@ -179,9 +181,10 @@ class Attention(nn.Module):
         q = with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
         v = with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
+        window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
         out = dot_product_attention(
             q, k, v, causal=self.causal, segment_ids=segment_ids,
-            implementation=self.implementation, interpret=self.interpret,
+            implementation=self.implementation, interpret=self.interpret, **window,
         )
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         return Dense(
@@ -210,3 +213,83 @@ class GatedMLP(nn.Module):
         up = dense("up", self.mlp_dim, ("embed",), ("mlp",))(x)
         h = with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
         return dense("down", x.shape[-1], ("mlp",), ("embed",))(h)
+
+
+class MLP(nn.Module):
+    """BERT feed-forward: down(act(up(x))) with biases."""
+
+    mlp_dim: int
+    activation: str = "gelu"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = default_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        def dense(name, features, in_axes, out_axes):
+            return Dense(features=(features,), in_axes=in_axes, out_axes=out_axes, use_bias=True,
+                         dtype=self.dtype, param_dtype=self.param_dtype,
+                         kernel_init=self.kernel_init, name=name)
+
+        h = activation(self.activation)(dense("up", self.mlp_dim, ("embed",), ("mlp",))(x))
+        h = with_logical_constraint(h, ("batch", "length", "mlp"))
+        return dense("down", x.shape[-1], ("mlp",), ("embed",))(h)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # Hugging Face names: "gelu" is the exact (erf) GELU, the tanh forms are approximate.
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ------------------------------------------------------------------- layer stacks
+
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,  # keep every activation (no rematerialisation)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(policy: str, field: str = "remat_policy") -> None:
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"{field}={policy!r} is not one of {sorted(REMAT_POLICIES)}")
+
+
+def apply_stack(block: type[nn.Module], num_layers: int, *, remat_policy: str, scan: bool,
+                x: jax.Array, args: tuple, **block_kwargs) -> jax.Array:
+    """Runs ``num_layers`` copies of ``block`` over ``x``; blocks return ``(x, None)``.
+
+    Unscanned layers are named ``layer_{i}``; scanned ones share one ``layers``
+    scope whose parameters gain a leading ``layers`` axis. Call from inside a
+    compact method.
+    """
+    check_remat_policy(remat_policy)
+    if remat_policy != "none":
+        # prevent_cse only matters outside scan (scan already blocks CSE across steps).
+        block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
+    if scan:
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = scanned(**block_kwargs, name="layers")(x, *args)
+        return x
+    for i in range(num_layers):
+        x, _ = block(**block_kwargs, name=f"layer_{i}")(x, *args)
+    return x

@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints and tokenizers <-> t5x_like."""

@@ -1,0 +1,251 @@
+"""Pooling heads and the text-embedding API.
+
+Pooling reads the padding mask, so left and right padding give the same
+vectors: ``mean`` averages real tokens, ``cls`` takes the first real token,
+``last`` the last real one (decoder embedders append EOS so that token has
+read the whole text). Vectors are L2-normalised by default and may be cut to
+a Matryoshka prefix (renormalised after the cut).
+
+``Embedder.from_pretrained(dir).encode(texts, prefix="query: ")`` embeds with
+a Hugging Face / sentence-transformers directory; ``python -m t5x_like.embed``
+is the command-line form.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from t5x_like import models
+from t5x_like.models.decoder import DecoderConfig
+
+POOLINGS = ("mean", "cls", "last")
+E5_QUERY_PREFIX = "query: "
+E5_PASSAGE_PREFIX = "passage: "
+
+
+def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
+    """``[batch, length, dim]`` hidden states → ``[batch, dim]`` fp32 by the padding ``mask``."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
+    hidden = hidden.astype(jnp.float32)
+    mask = mask.astype(jnp.int32)
+    length = mask.shape[1]
+    if pooling == "mean":
+        m = mask[..., None].astype(jnp.float32)
+        return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
+    if pooling == "cls":
+        index = jnp.argmax(mask, axis=1)  # first real token, whichever side the padding is on
+    else:
+        index = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # last real token
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def finish(pooled: jax.Array, *, normalize: bool = True, dim: int | None = None) -> jax.Array:
+    """Matryoshka truncation to ``dim`` (if given), then optional L2 normalisation."""
+    if dim is not None:
+        if not 0 < dim <= pooled.shape[-1]:
+            raise ValueError(f"dim={dim} must be in [1, {pooled.shape[-1]}]")
+        pooled = pooled[..., :dim]
+    return l2_normalize(pooled) if normalize else pooled
+
+
+def instruction_query(task: str, query: str) -> str:
+    """E5-mistral's query format; passages get no instruction."""
+    return f"Instruct: {task}\nQuery: {query}"
+
+
+def format_texts(texts: Sequence[str], prefix: str | None = None,
+                 instruction: str | None = None) -> list[str]:
+    if prefix is not None and instruction is not None:
+        raise ValueError("give either prefix (E5: 'query: ' / 'passage: ') or instruction (E5-mistral), not both")
+    if instruction is not None:
+        return [instruction_query(instruction, t) for t in texts]
+    return [(prefix or "") + t for t in texts]
+
+
+# ---------------------------------------------------------------------- Embedder
+
+
+@dataclasses.dataclass
+class Embedder:
+    """A model, its parameters and tokenizer, and how to turn hidden states into vectors."""
+
+    config: models.ModelConfig
+    params: dict
+    tokenizer: object  # convert.tokenizer.TextTokenizer
+    pooling: str = "mean"
+    normalize: bool = True
+    max_length: int = 512
+    append_eos: bool = False  # append EOS before last-token pooling (E5-mistral)
+    padding_side: str = "right"
+    length_bucket: int = 32  # pad lengths to a multiple, so few shapes compile
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={self.padding_side!r} must be 'left' or 'right'")
+        self.module = models.build(self.config)
+        self._forward = jax.jit(self._embed_batch, static_argnames=("normalize", "dim"))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_length: int | None = None,
+        dtype: str = "float32",
+        attention: str = "xla",
+        causal: bool | None = None,
+        **kwargs,
+    ) -> "Embedder":
+        """Loads a Hugging Face / sentence-transformers directory.
+
+        Pooling, normalisation and max length default to the directory's
+        sentence-transformers settings (``1_Pooling/config.json``, a ``Normalize``
+        module, ``sentence_bert_config.json``); otherwise mean pooling for
+        encoders and last-token pooling (EOS appended) for decoders.
+        ``causal=False`` makes a decoder bidirectional.
+        """
+        from t5x_like.convert import hf, tokenizer as tok
+
+        path = Path(path)
+        config, params = hf.load_hf(path)
+        overrides = {"dtype": dtype, "attention": attention}
+        if causal is not None:
+            if not isinstance(config, DecoderConfig):
+                raise ValueError("causal= applies to decoder models only")
+            overrides["causal"] = causal
+        config = dataclasses.replace(config, **overrides)
+        st = _sentence_transformers_settings(path)
+        decoder = isinstance(config, DecoderConfig)
+        pooling = pooling or st.get("pooling") or ("last" if decoder else "mean")
+        if normalize is None:
+            normalize = st.get("normalize", True)
+        if max_length is None:
+            max_length = st.get("max_length") or _default_max_length(config)
+        kwargs.setdefault("append_eos", decoder and pooling == "last")
+        return cls(config, params, tok.load_tokenizer(path, hf.read_hf_config(path)),
+                   pooling=pooling, normalize=normalize, max_length=max_length, **kwargs)
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        return self.tokenizer.encode(texts, max_length or self.max_length, add_eos=self.append_eos)
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        prefix: str | None = None,
+        instruction: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        dim: int | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        """``[len(texts), dim]`` float32 embeddings, in the order of ``texts``.
+
+        ``prefix`` is prepended (E5: ``"query: "`` / ``"passage: "``);
+        ``instruction`` formats queries as ``Instruct: {instruction}\\nQuery: {text}``.
+        Texts are sorted by length and batched so padding stays small.
+        """
+        from tqdm.auto import tqdm
+
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts, not a single string")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        ids = self.tokenize(format_texts(texts, prefix, instruction), max_length)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        out: np.ndarray | None = None
+        starts = range(0, len(ids), batch_size)
+        if show_progress is None:
+            show_progress = len(starts) > 1
+        for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress):
+            rows = order[start:start + batch_size]
+            tokens, mask = self._pad([ids[i] for i in rows], batch_size)
+            vecs = np.asarray(self._forward(self.params, tokens, mask,
+                                            normalize=self.normalize, dim=dim))
+            if out is None:
+                out = np.zeros((len(ids), vecs.shape[-1]), np.float32)
+            out[rows] = vecs[: len(rows)]
+        if out is None:
+            width = dim or self.config.embed_dim
+            return np.zeros((0, width), np.float32)
+        return out
+
+    def _pad(self, rows: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        longest = max(len(r) for r in rows)
+        length = min(-(-longest // self.length_bucket) * self.length_bucket,
+                     max(self.max_length, longest))
+        tokens = np.full((batch_size, length), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for i, r in enumerate(rows):
+            span = slice(0, len(r)) if self.padding_side == "right" else slice(length - len(r), length)
+            tokens[i, span] = r
+            mask[i, span] = 1
+        return tokens, mask
+
+    def _embed_batch(self, params, tokens, mask, *, normalize: bool, dim: int | None):
+        hidden = self.hidden_states(params, tokens, mask)
+        return finish(pool(hidden, mask, self.pooling), normalize=normalize, dim=dim)
+
+    def hidden_states(self, params, tokens, mask):
+        """Final hidden states ``[batch, length, dim]`` for padded tokens and their mask."""
+        variables = {"params": params}
+        if isinstance(self.config, DecoderConfig):
+            # Padding is its own segment; positions count real tokens (left padding too).
+            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+            return self.module.apply(variables, tokens, segment_ids=mask, positions=positions,
+                                     return_hidden=True)
+        return self.module.apply(variables, tokens, mask)
+
+
+def _sentence_transformers_settings(path: Path) -> dict:
+    """Pooling, normalisation and max length from a sentence-transformers directory."""
+    out: dict = {}
+    modules_file = path / "modules.json"
+    if modules_file.exists():
+        modules = json.loads(modules_file.read_text())
+        out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
+        for m in modules:
+            if m.get("type", "").endswith("Pooling"):
+                pooling_file = path / m.get("path", "1_Pooling") / "config.json"
+                if pooling_file.exists():
+                    out["pooling"] = _pooling_mode(json.loads(pooling_file.read_text()), pooling_file)
+    bert_config = path / "sentence_bert_config.json"
+    if bert_config.exists():
+        out["max_length"] = json.loads(bert_config.read_text()).get("max_seq_length")
+    return out
+
+
+def _pooling_mode(cfg: dict, source: Path) -> str:
+    modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+             "pooling_mode_lasttoken": "last"}
+    chosen = [mode for key, mode in modes.items() if cfg.get(key)]
+    if len(chosen) != 1:
+        raise ValueError(
+            f"{source}: exactly one of {sorted(modes)} must be true (other pooling modes are "
+            "not supported); pass pooling= to override"
+        )
+    return chosen[0]
+
+
+def _default_max_length(config: models.ModelConfig) -> int:
+    if isinstance(config, DecoderConfig):
+        return min(config.max_position_embeddings, 4096)
+    # XLM-R positions start after the padding id, which uses up pad_token_id + 1 slots.
+    offset = config.pad_token_id + 1 if config.model_type == "xlm-roberta" else 0
+    return min(512, config.max_position_embeddings - offset)
