@@ -224,7 +224,8 @@ def test_bf16_compute_stays_close_to_fp32(tmp_path):
 # ------------------------------------------------------------------ round trips
 
 
-@pytest.mark.parametrize("make", ["bert", "xlmr", "llama_yarn", "mistral", "qwen2_tied"])
+@pytest.mark.parametrize("make", ["bert", "xlmr", "llama_yarn", "mistral", "qwen2_tied",
+                                  "mistral_bare"])
 def test_save_hf_round_trip_through_transformers(tmp_path, make):
     ref_model = {
         "bert": lambda: tiny_bert(),
@@ -233,14 +234,17 @@ def test_save_hf_round_trip_through_transformers(tmp_path, make):
             rope_type="yarn", factor=2.0, original_max_position_embeddings=32, rope_theta=1e4)),
         "mistral": lambda: tiny_decoder("mistral", sliding_window=7),
         "qwen2_tied": lambda: tiny_decoder("qwen2", tie_word_embeddings=True),
-    }[make]()
+        # E5-mistral ships as a bare MistralModel: no LM head, hidden states out.
+        "mistral_bare": lambda: transformers.MistralModel(
+            transformers.MistralConfig(**DECODER_BASE, sliding_window=None)),
+    }[make]().eval()
     randomize_(ref_model, seed=3)
     config, params = load(ref_model, tmp_path / "src")
     hf.save_hf(config, params, tmp_path / "out")
-    decoder = isinstance(config, models.DecoderConfig)
+    decoder = isinstance(config, models.DecoderConfig) and config.lm_head
     auto = transformers.AutoModelForCausalLM if decoder else transformers.AutoModel
     reloaded = auto.from_pretrained(tmp_path / "out").eval()
-    pad = config.pad_token_id if not decoder else 0
+    pad = getattr(config, "pad_token_id", 0)
     ids, mask = batch(config.vocab_size, [14, 9], 14, pad_id=pad)
     with torch.no_grad():
         a = ref_model(torch.tensor(ids), attention_mask=torch.tensor(mask))

@@ -117,8 +117,12 @@ def _decoder_config(hf: dict, source: str) -> DecoderConfig:
             )
     elif model_type == "llama":
         sliding_window = None
+    architectures = hf.get("architectures") or []
+    # A bare *Model checkpoint (E5-mistral ships as MistralModel) has no LM head.
+    bare = bool(architectures) and not any(a.endswith("ForCausalLM") for a in architectures)
     return DecoderConfig(
         model_type=model_type,
+        lm_head=not bare,
         vocab_size=_require(hf, "vocab_size", source),
         embed_dim=embed_dim,
         num_layers=_require(hf, "num_hidden_layers", source),
@@ -165,8 +169,8 @@ def config_to_hf(config: models.ModelConfig) -> dict[str, Any]:
             )
         if config.sliding_window is not None and config.model_type == "llama":
             raise CheckpointError("save_hf: Llama has no sliding window; use model_type='mistral'")
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}[config.model_type]
+        arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[config.model_type]
+        arch += "ForCausalLM" if config.lm_head else "Model"
         out = {
             "architectures": [arch],
             "model_type": config.model_type,
@@ -259,7 +263,7 @@ def _decoder_table(cfg: DecoderConfig) -> list[_Tensor]:
         for name in ("gate", "up", "down"):
             t.append(_Tensor((ours, "mlp", name, "kernel"), f"{hf}.mlp.{name}_proj.weight", 1))
     t.append(_Tensor(("final_norm", "scale"), "norm.weight"))
-    if not cfg.tie_embeddings:
+    if cfg.lm_head and not cfg.tie_embeddings:
         t.append(_Tensor(("lm_head", "kernel"), "lm_head.weight", 1, top_level=True))
     return t
 
@@ -398,7 +402,7 @@ def state_dict_from_params(config: models.ModelConfig, params) -> dict[str, np.n
     """Hugging Face tensors (the base model's own names, fp32) from our parameters."""
     params = _unstack(config, _to_numpy(params))
     shapes = _param_shapes(config)
-    prefix = "model." if isinstance(config, DecoderConfig) else ""
+    prefix = "model." if isinstance(config, DecoderConfig) and config.lm_head else ""
     out = {}
     for spec in _tensor_table(config):
         x = _get(params, spec.path, config)
@@ -485,7 +489,9 @@ def _param_shapes(config: models.ModelConfig) -> dict[tuple[str, ...], tuple[int
     flat_config = dataclasses.replace(config, scan_layers=False)
     module = models.build(flat_config)
     tokens = jax.ShapeDtypeStruct((1, 2), np.int32)
-    abstract = jax.eval_shape(lambda t: module.init(jax.random.key(0), t), tokens)["params"]
+    # A decoder without an LM head can only be called for hidden states.
+    kwargs = {"return_hidden": True} if getattr(config, "lm_head", True) is False else {}
+    abstract = jax.eval_shape(lambda t: module.init(jax.random.key(0), t, **kwargs), tokens)["params"]
     leaves = jax.tree_util.tree_leaves_with_path(
         abstract, is_leaf=lambda x: hasattr(x, "unbox")
     )

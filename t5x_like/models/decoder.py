@@ -36,6 +36,7 @@ class DecoderConfig:
     max_position_embeddings: int = 4096
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    lm_head: bool = True  # False: a bare decoder (embedders such as E5-mistral), hidden states only
     qkv_bias: bool = False
     sliding_window: int | None = None  # keys visible per query, including itself (Mistral)
     causal: bool = True  # False: bidirectional (decoder embedders that drop the mask)
@@ -109,6 +110,8 @@ class Decoder(nn.Module):
         x = layers.RMSNorm(cfg.norm_eps, dtype=dtype, name="final_norm")(x)
         if return_hidden:
             return x
+        if not cfg.lm_head:
+            raise ValueError("this decoder has no LM head (lm_head=False); call it with return_hidden=True")
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:

@@ -89,7 +89,6 @@ class Embedder:
     max_length: int = 512
     append_eos: bool = False  # append EOS before last-token pooling (E5-mistral)
     padding_side: str = "right"
-    length_bucket: int = 32  # pad lengths to a multiple, so few shapes compile
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -187,9 +186,7 @@ class Embedder:
         return out
 
     def _pad(self, rows: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        longest = max(len(r) for r in rows)
-        length = min(-(-longest // self.length_bucket) * self.length_bucket,
-                     max(self.max_length, longest))
+        length = bucket_length(max(len(r) for r in rows))
         tokens = np.full((batch_size, length), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         for i, r in enumerate(rows):
@@ -211,6 +208,14 @@ class Embedder:
             return self.module.apply(variables, tokens, segment_ids=mask, positions=positions,
                                      return_hidden=True)
         return self.module.apply(variables, tokens, mask)
+
+
+def bucket_length(n: int) -> int:
+    """Padded length for ``n`` tokens: powers of two from 16 to 256, then multiples of 256,
+    so a whole corpus compiles a handful of shapes and wastes < 2x on padding."""
+    if n <= 256:
+        return max(16, 1 << (n - 1).bit_length())
+    return -(-n // 256) * 256
 
 
 def _sentence_transformers_settings(path: Path) -> dict:
