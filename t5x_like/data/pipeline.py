@@ -1,0 +1,96 @@
+"""Host-sharded global batches from a seqio task or mixture, deterministic and resumable.
+
+Each process reads only its shard of the data (``seqio.ShardInfo(process_index,
+process_count)``), batches ``global_batch_size / process_count`` examples, and
+``jax.make_array_from_process_local_data`` assembles the global ``jax.Array``
+sharded over the ``batch`` rule (mesh axes ``data`` and ``fsdp``). The tf.data
+iterator's position (shuffle buffers included) is saved with ``save(dir)`` and
+restored with ``restore(dir)``, so a resumed run sees exactly the batches it
+would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from t5x_like import partitioning
+from t5x_like.data import tasks
+
+_ITERATOR_FILE = "data_iterator.process_{index}"
+
+
+class GlobalBatches:
+    """Iterates ``{feature: jax.Array}`` global batches (or numpy with ``mesh=None``)."""
+
+    def __init__(self, dataset: tf.data.Dataset, global_batch_size: int, mesh=None, *,
+                 rules=None, prefetch: int = 2):
+        processes = jax.process_count()
+        if global_batch_size % processes:
+            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the "
+                             f"{processes} processes")
+        self.global_batch_size = global_batch_size
+        self.local_batch_size = global_batch_size // processes
+        self.mesh = mesh
+        self.rules = rules
+        options = tf.data.Options()
+        options.deterministic = True
+        # Tokenizer py_functions are pure; their (absent) state need not be checkpointed.
+        options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+        batched = dataset.batch(self.local_batch_size, drop_remainder=True).prefetch(prefetch)
+        self._iterator = iter(batched.with_options(options))
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+        self.batches_read = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        local = {k: v.numpy() for k, v in next(self._iterator).items()}
+        self.batches_read += 1
+        if self.mesh is None:
+            return local
+        return {k: self._globalize(v) for k, v in local.items()}
+
+    def _globalize(self, x: np.ndarray) -> jax.Array:
+        sharding = partitioning.batch_sharding(self.mesh, x.ndim, self.rules)
+        global_shape = (self.global_batch_size,) + x.shape[1:]
+        partitioning.check_divisible(global_shape, sharding.spec, self.mesh.shape, ("batch",),
+                                     what="batch")
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    # ------------------------------------------------------------------ resume
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes this process's iterator state into ``directory`` (created if needed)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        prefix = directory / _ITERATOR_FILE.format(index=jax.process_index())
+        self._checkpoint.write(str(prefix))
+        (directory / f"{prefix.name}.json").write_text(json.dumps({"batches_read": self.batches_read}))
+        return prefix
+
+    def restore(self, directory: str | os.PathLike) -> None:
+        prefix = Path(directory) / _ITERATOR_FILE.format(index=jax.process_index())
+        meta = Path(f"{prefix}.json")
+        if not meta.exists():
+            raise FileNotFoundError(f"{directory}: no data iterator state for process "
+                                    f"{jax.process_index()} ({meta.name} missing)")
+        self._checkpoint.read(str(prefix)).assert_consumed()
+        self.batches_read = json.loads(meta.read_text())["batches_read"]
+
+
+def global_batches(name: str, converter: Callable, feature_lengths: dict[str, int],
+                   global_batch_size: int, mesh=None, *, split: str = "train", seed: int = 0,
+                   shuffle: bool = True, num_epochs: int | None = None, rules=None) -> GlobalBatches:
+    """Batches of a registered task or mixture, converted to model features."""
+    ds = tasks.get_dataset(name, split=split, shuffle=shuffle, seed=seed,
+                           shard_index=jax.process_index(), num_shards=jax.process_count(),
+                           num_epochs=num_epochs)
+    return GlobalBatches(converter(ds, feature_lengths), global_batch_size, mesh, rules=rules)

@@ -1,0 +1,259 @@
+"""Readers for the raw data the tasks are built from (plain Python, no TensorFlow).
+
+* BEIR directories: ``corpus.jsonl`` (``_id``, ``title``, ``text``),
+  ``queries.jsonl`` (``_id``, ``text``), ``qrels/<split>.tsv``.
+* JSONL pairs / triples: ``{"query", "positive", "negatives": [...],
+  "instruction"?, "scores"?}``.
+* Plain text: files or directories of ``.txt`` (Gutenberg books stripped of
+  their header and licence).
+
+Every malformed record is an error naming file and line, or, with
+``on_bad_record="skip"``, skipped and counted in one warning per file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+from t5x_like.data import text as text_lib
+
+log = logging.getLogger(__name__)
+ON_BAD_RECORD = ("error", "skip")
+
+
+class BadRecord(ValueError):
+    """A malformed input record; the message names file and line."""
+
+
+class _Skipper:
+    """Raises or counts bad records, warning once per file with the count."""
+
+    def __init__(self, path: Path, on_bad_record: str):
+        if on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"on_bad_record={on_bad_record!r} must be one of {ON_BAD_RECORD}")
+        self.path = path
+        self.mode = on_bad_record
+        self.skipped = 0
+        self.first: str | None = None
+
+    def bad(self, line: int, why: str) -> None:
+        message = f"{self.path}:{line}: {why}"
+        if self.mode == "error":
+            raise BadRecord(message)
+        self.skipped += 1
+        self.first = self.first or message
+
+    def report(self) -> None:
+        if self.skipped:
+            log.warning("%s: skipped %d bad records (first: %s)", self.path, self.skipped, self.first)
+
+
+def _json_lines(path: Path, skipper: _Skipper) -> Iterator[tuple[int, dict]]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                skipper.bad(number, f"not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict):
+                skipper.bad(number, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield number, record
+
+
+def _nonempty_str(record: dict, key: str) -> bool:
+    return isinstance(record.get(key), str) and bool(record[key].strip())
+
+
+# ------------------------------------------------------------------------- BEIR
+
+
+@dataclasses.dataclass
+class BeirData:
+    corpus: dict[str, dict[str, str]]  # id -> {"title", "text"}
+    queries: dict[str, str]  # id -> text
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: grade}
+    path: Path
+
+    def passage(self, doc_id: str) -> str:
+        """Title and text joined as BEIR's dense models read them."""
+        doc = self.corpus[doc_id]
+        return f"{doc['title']} {doc['text']}".strip() if doc["title"] else doc["text"]
+
+
+def read_corpus(path: Path, on_bad_record: str = "error") -> dict[str, dict[str, str]]:
+    skipper = _Skipper(path, on_bad_record)
+    corpus: dict[str, dict[str, str]] = {}
+    for number, record in _json_lines(path, skipper):
+        doc_id = record.get("_id")
+        if not isinstance(doc_id, (str, int)) or str(doc_id) == "":
+            skipper.bad(number, "missing '_id'")
+            continue
+        title = record.get("title") or ""
+        if not _nonempty_str(record, "text") and not str(title).strip():
+            skipper.bad(number, f"document {doc_id!r} has an empty text")
+            continue
+        if str(doc_id) in corpus:
+            skipper.bad(number, f"duplicate document id {doc_id!r}")
+            continue
+        corpus[str(doc_id)] = {"title": str(title), "text": str(record.get("text") or "")}
+    skipper.report()
+    return corpus
+
+
+def read_queries(path: Path, on_bad_record: str = "error") -> dict[str, str]:
+    skipper = _Skipper(path, on_bad_record)
+    queries: dict[str, str] = {}
+    for number, record in _json_lines(path, skipper):
+        if record.get("_id") in (None, ""):
+            skipper.bad(number, "missing '_id'")
+        elif not _nonempty_str(record, "text"):
+            skipper.bad(number, f"query {record['_id']!r} has an empty text")
+        else:
+            queries[str(record["_id"])] = record["text"]
+    skipper.report()
+    return queries
+
+
+def read_qrels(path: Path, on_bad_record: str = "error") -> dict[str, dict[str, int]]:
+    """``query-id  corpus-id  score`` (tab separated, header line, CRLF tolerated)."""
+    skipper = _Skipper(path, on_bad_record)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.rstrip("\r\n").split("\t")
+            if number == 1 and fields[0] == "query-id":
+                continue
+            if fields == [""]:
+                continue
+            if len(fields) != 3:
+                skipper.bad(number, f"expected 3 tab-separated fields, got {len(fields)}")
+                continue
+            try:
+                grade = int(float(fields[2]))
+            except ValueError:
+                skipper.bad(number, f"score {fields[2]!r} is not a number")
+                continue
+            qrels.setdefault(fields[0], {})[fields[1]] = grade
+    skipper.report()
+    return qrels
+
+
+def read_beir(path: str | Path, split: str = "test", on_bad_record: str = "error") -> BeirData:
+    """A BEIR directory; every judged query and document must exist."""
+    path = Path(path)
+    qrels_path = path / "qrels" / f"{split}.tsv"
+    if not qrels_path.exists():
+        have = sorted(p.stem for p in (path / "qrels").glob("*.tsv"))
+        raise FileNotFoundError(f"{qrels_path} does not exist (splits here: {have})")
+    corpus = read_corpus(path / "corpus.jsonl", on_bad_record)
+    queries = read_queries(path / "queries.jsonl", on_bad_record)
+    qrels = read_qrels(qrels_path, on_bad_record)
+    _check_qrels_ids(qrels_path, qrels, queries, corpus, on_bad_record)
+    return BeirData(corpus, queries, qrels, path)
+
+
+def _check_qrels_ids(path, qrels, queries, corpus, on_bad_record) -> None:
+    """A judged id missing from corpus or queries is an error naming its qrels line."""
+    skipper = _Skipper(path, on_bad_record)
+    line_of: dict[tuple[str, str], int] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.rstrip("\r\n").split("\t")
+            if len(fields) == 3:
+                line_of[(fields[0], fields[1])] = number
+    for qid in list(qrels):
+        if qid not in queries:
+            skipper.bad(line_of.get((qid, next(iter(qrels[qid]))), 0),
+                        f"query id {qid!r} is not in queries.jsonl")
+            del qrels[qid]
+            continue
+        for doc_id in list(qrels[qid]):
+            if doc_id not in corpus:
+                skipper.bad(line_of.get((qid, doc_id), 0), f"document id {doc_id!r} is not in corpus.jsonl")
+                del qrels[qid][doc_id]
+        if not qrels[qid]:
+            del qrels[qid]
+    skipper.report()
+
+
+# --------------------------------------------------------------- JSONL pairs
+
+
+def read_pairs(path: str | Path, on_bad_record: str = "error") -> list[dict[str, Any]]:
+    """Contrastive examples: ``query``, ``positive``, optional ``negatives`` (list of
+    texts), ``instruction`` and teacher ``scores`` (one per passage: positive first,
+    then the negatives)."""
+    path = Path(path)
+    skipper = _Skipper(path, on_bad_record)
+    out = []
+    for number, record in _json_lines(path, skipper):
+        why = _pair_problem(record)
+        if why:
+            skipper.bad(number, why)
+            continue
+        example = {"query": record["query"], "positive": record["positive"],
+                   "negatives": list(record.get("negatives") or []),
+                   "instruction": record.get("instruction") or ""}
+        if "scores" in record:
+            example["scores"] = [float(s) for s in record["scores"]]
+        out.append(example)
+    skipper.report()
+    if not out:
+        raise BadRecord(f"{path}: no usable records")
+    return out
+
+
+def _pair_problem(record: dict) -> str | None:
+    for key in ("query", "positive"):
+        if key not in record:
+            return f"missing field {key!r}"
+        if not _nonempty_str(record, key):
+            return f"field {key!r} is empty or not a string"
+    negatives = record.get("negatives", [])
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        return "'negatives' must be a list of non-empty strings"
+    if "instruction" in record and not isinstance(record["instruction"], str):
+        return "'instruction' must be a string"
+    if "scores" in record:
+        scores = record["scores"]
+        if not isinstance(scores, list) or len(scores) != 1 + len(negatives):
+            return f"'scores' must list 1 + len(negatives) = {1 + len(negatives)} numbers"
+        if not all(isinstance(s, (int, float)) for s in scores):
+            return "'scores' must be numbers"
+    return None
+
+
+# ------------------------------------------------------------------ plain text
+
+
+def read_text_documents(path: str | Path, gutenberg: bool | None = None) -> list[tuple[str, str]]:
+    """``(name, text)`` for a ``.txt`` file or every ``.txt`` in a directory (sorted).
+
+    ``gutenberg=None`` strips the Project Gutenberg header and licence when the
+    markers are present; ``True`` requires them.
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files or not files[0].exists():
+        raise FileNotFoundError(f"{path}: no .txt files")
+    out = []
+    for f in files:
+        raw = f.read_text(encoding="utf-8-sig")
+        if gutenberg or (gutenberg is None and "*** START OF" in raw):
+            raw = text_lib.strip_gutenberg(raw, str(f))
+        if not raw.strip():
+            raise BadRecord(f"{f}: empty text")
+        out.append((f.name, raw))
+    return out

@@ -1,0 +1,121 @@
+"""seqio vocabularies for both model families.
+
+* ``sentencepiece_vocabulary(path)``: seqio's own SentencePieceVocabulary
+  (Llama-2's ``tokenizer.model``).
+* ``HFTokenizerVocabulary(path)``: a seqio ``Vocabulary`` over a Hugging Face
+  ``tokenizer.json`` (BERT WordPiece as all-MiniLM and E5 v2 use, XLM-R's
+  Unigram). Like every seqio vocabulary it encodes text *without* special
+  tokens; ``special_tokens()`` gives the ``[CLS] ... [SEP]`` / ``<s> ... </s>``
+  the model's tokenizer wraps a text in, so preprocessors truncate the text
+  first and wrap it afterwards (as transformers' truncation does).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+
+def sentencepiece_vocabulary(path: str | Path) -> seqio.SentencePieceVocabulary:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"SentencePiece model {path} does not exist")
+    return seqio.SentencePieceVocabulary(str(path))
+
+
+class HFTokenizerVocabulary(seqio.Vocabulary):
+    """A seqio vocabulary backed by the ``tokenizers`` library."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        self.path = path / "tokenizer.json" if path.is_dir() else path
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no tokenizer.json")
+        self._tok = Tokenizer.from_file(str(self.path))
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            f = self.path.parent / name
+            if f.exists():
+                settings.update(json.loads(f.read_text()))
+        self._pad = self._special_id(settings, "pad_token", 0)
+        self._eos = self._special_id(settings, "eos_token", None)
+        self._unk = self._special_id(settings, "unk_token", None)
+        self._prefix, self._suffix = self._wrapping()
+        super().__init__(extra_ids=0)
+
+    def _special_id(self, settings: dict, key: str, default):
+        token = settings.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        found = self._tok.token_to_id(token) if token else None
+        return default if found is None else found
+
+    def _wrapping(self) -> tuple[list[int], list[int]]:
+        """The special ids the post-processor puts before and after a single text."""
+        bare = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(bare) + 1):
+            if full[start:start + len(bare)] == bare:
+                return full[:start], full[start + len(bare):]
+        return [], []
+
+    def special_tokens(self) -> tuple[list[int], list[int]]:
+        """``(prefix_ids, suffix_ids)``, e.g. ``([101], [102])`` for BERT."""
+        return list(self._prefix), list(self._suffix)
+
+    # seqio.Vocabulary interface -------------------------------------------------
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._unk
+
+    @property
+    def _base_vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _encode(self, s: str) -> list[int]:
+        return self._tok.encode(s, add_special_tokens=False).ids
+
+    def _decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def _encode_tf(self, s: tf.Tensor) -> tf.Tensor:
+        def encode(batch):
+            texts = [x.decode("utf-8") for x in np.atleast_1d(batch.numpy())]
+            ids = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+            return tf.ragged.constant(ids, dtype=tf.int32, ragged_rank=1).to_tensor(-1)
+
+        scalar = s.shape.rank == 0
+        flat = tf.reshape(s, [-1])
+        padded = tf.py_function(encode, [flat], tf.int32)
+        padded.set_shape([flat.shape[0], None])  # keep the static text count (passages per example)
+        ragged = tf.RaggedTensor.from_tensor(padded, padding=-1)
+        return ragged[0] if scalar else ragged
+
+    def _decode_tf(self, ids: tf.Tensor) -> tf.Tensor:
+        def decode(x):
+            return tf.constant(self._decode(x.numpy().tolist()))
+
+        return tf.py_function(decode, [ids], tf.string)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, HFTokenizerVocabulary) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(str(self.path))
