@@ -215,6 +215,25 @@ def test_gutenberg_packs_into_8k_rows_on_document_boundaries(llama_vocab, device
     assert len(chunks) - len(seen) < 8 * 2
 
 
+def test_packed_lm_iteration_resumes_exactly(tmp_path, llama_vocab):
+    wiki = paths.shared_data("text/wikitext-2-raw-test.txt").read_text(encoding="utf-8").splitlines()
+    tasks.add_lm_task("resume_lm", [w for w in wiki if w.strip()][:1000], llama_vocab,
+                      chunk_length=512)
+
+    def batches():
+        return pipeline.global_batches("resume_lm", converters.LMConverter(window=16),
+                                       {"targets": 512}, 4, seed=3)
+
+    expected = rows(batches(), 8)
+    it = batches()
+    rows(it, 5)
+    it.save(tmp_path / "lm")
+    resumed = batches()
+    resumed.restore(tmp_path / "lm")
+    assert_same(rows(resumed, 3), expected[5:8])
+    assert any(r["segment_ids"].max() > 1 for r in expected)  # short documents were packed
+
+
 def test_long_short_mixture_hits_its_rate(llama_vocab):
     # Three books give ~1,500 long pieces of 1,024 tokens: the 2,000 draws need about one
     # epoch of each task, so the books are not tokenized over and over.
