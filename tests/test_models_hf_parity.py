@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from t5x_like import models  # noqa: E402
@@ -69,6 +70,12 @@ def batch(vocab, lengths, total, pad_id, seed=0, low=3):
 def load(model, tmp_path, **save_kw):
     model.save_pretrained(tmp_path, **save_kw)
     return hf.load_hf(tmp_path)
+
+
+def assert_same_params(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
 
 
 def max_diff(ours, ref, mask):
@@ -254,8 +261,7 @@ def test_save_hf_round_trip_through_transformers(tmp_path, make):
     # And our own reload of what we wrote gives back the same parameters.
     config2, params2 = hf.load_hf(tmp_path / "out")
     assert config2 == config
-    for x, y in zip(__import__("jax").tree.leaves(params), __import__("jax").tree.leaves(params2)):
-        np.testing.assert_array_equal(x, y)
+    assert_same_params(params, params2)
 
 
 def test_loads_pytorch_bin_and_sharded_safetensors(tmp_path):
@@ -270,8 +276,7 @@ def test_loads_pytorch_bin_and_sharded_safetensors(tmp_path):
     for variant in ("bin", "sharded"):
         config2, params2 = hf.load_hf(tmp_path / variant)
         assert config2 == config
-        for x, y in zip(__import__("jax").tree.leaves(params), __import__("jax").tree.leaves(params2)):
-            np.testing.assert_array_equal(x, y)
+        assert_same_params(params, params2)
 
 
 def test_save_hf_shards_large_checkpoints(tmp_path):
@@ -280,8 +285,7 @@ def test_save_hf_shards_large_checkpoints(tmp_path):
     hf.save_hf(config, params, tmp_path / "out", max_shard_bytes=30_000)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
     _, params2 = hf.load_hf(tmp_path / "out")
-    for x, y in zip(__import__("jax").tree.leaves(params), __import__("jax").tree.leaves(params2)):
-        np.testing.assert_array_equal(x, y)
+    assert_same_params(params, params2)
 
 
 # ---------------------------------------------------------------------- errors

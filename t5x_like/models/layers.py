@@ -204,15 +204,18 @@ class GatedMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        def dense(name, features, in_axes, out_axes):
-            return Dense(features=(features,), in_axes=in_axes, out_axes=out_axes,
-                         dtype=self.dtype, param_dtype=self.param_dtype,
-                         kernel_init=self.kernel_init, name=name)
-
-        gate = dense("gate", self.mlp_dim, ("embed",), ("mlp",))(x)
-        up = dense("up", self.mlp_dim, ("embed",), ("mlp",))(x)
+        gate = _mlp_dense(self, "gate", self.mlp_dim, "embed", "mlp", use_bias=False)(x)
+        up = _mlp_dense(self, "up", self.mlp_dim, "embed", "mlp", use_bias=False)(x)
         h = with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense("down", x.shape[-1], ("mlp",), ("embed",))(h)
+        return _mlp_dense(self, "down", x.shape[-1], "mlp", "embed", use_bias=False)(h)
+
+
+def _mlp_dense(mlp: nn.Module, name: str, features: int, in_axis: str, out_axis: str,
+               use_bias: bool) -> "Dense":
+    """A feed-forward projection that inherits the MLP module's dtypes and initialiser."""
+    return Dense(features=(features,), in_axes=(in_axis,), out_axes=(out_axis,), use_bias=use_bias,
+                 dtype=mlp.dtype, param_dtype=mlp.param_dtype, kernel_init=mlp.kernel_init,
+                 name=name)
 
 
 class MLP(nn.Module):
@@ -226,14 +229,9 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        def dense(name, features, in_axes, out_axes):
-            return Dense(features=(features,), in_axes=in_axes, out_axes=out_axes, use_bias=True,
-                         dtype=self.dtype, param_dtype=self.param_dtype,
-                         kernel_init=self.kernel_init, name=name)
-
-        h = activation(self.activation)(dense("up", self.mlp_dim, ("embed",), ("mlp",))(x))
-        h = with_logical_constraint(h, ("batch", "length", "mlp"))
-        return dense("down", x.shape[-1], ("mlp",), ("embed",))(h)
+        h = _mlp_dense(self, "up", self.mlp_dim, "embed", "mlp", use_bias=True)(x)
+        h = with_logical_constraint(activation(self.activation)(h), ("batch", "length", "mlp"))
+        return _mlp_dense(self, "down", x.shape[-1], "mlp", "embed", use_bias=True)(h)
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
