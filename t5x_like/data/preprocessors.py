@@ -70,10 +70,11 @@ def truncate_and_wrap(ds: tf.data.Dataset, lengths: dict[str, int],
             room = length - len(prefix) - len(suffix)
             if isinstance(ids, tf.RaggedTensor):
                 ids = ids[:, :room]
-                rows = ids.nrows()
-                pre = tf.RaggedTensor.from_tensor(tf.tile(tf.constant([prefix], tf.int32)[:, :len(prefix)], [rows, 1]))
-                post = tf.RaggedTensor.from_tensor(tf.tile(tf.constant([suffix], tf.int32)[:, :len(suffix)], [rows, 1]))
-                ex[key] = tf.concat([pre, ids, post], axis=1)
+                def repeat(tokens):  # the same special ids on every passage
+                    row = tf.constant([tokens], tf.int32, shape=[1, len(tokens)])
+                    return tf.RaggedTensor.from_tensor(tf.tile(row, [ids.nrows(), 1]))
+
+                ex[key] = tf.concat([repeat(prefix), ids, repeat(suffix)], axis=1)
             else:
                 ex[key] = tf.concat([tf.constant(prefix, tf.int32), ids[:room],
                                      tf.constant(suffix, tf.int32)], axis=0)

@@ -186,7 +186,9 @@ class Embedder:
         return out
 
     def _pad(self, rows: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        length = bucket_length(max(len(r) for r in rows))
+        longest = max(len(r) for r in rows)
+        # Never pad past max_length: position tables end there.
+        length = min(bucket_length(longest), max(self.max_length, longest))
         tokens = np.full((batch_size, length), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((batch_size, length), np.int32)
         for i, r in enumerate(rows):
