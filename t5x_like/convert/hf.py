@@ -436,10 +436,11 @@ def save_hf(
     with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
         tmp = Path(tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        for name, shard in _shards(state, max_shard_bytes).items():
+        shards = _shards(state, max_shard_bytes)
+        for name, shard in shards.items():
             safetensors.numpy.save_file(shard, tmp / name, metadata={"format": "pt"})
-        if len(list(tmp.glob("*.safetensors"))) > 1:
-            weight_map = {k: n for n, shard in _shards(state, max_shard_bytes).items() for k in shard}
+        if len(shards) > 1:
+            weight_map = {k: n for n, shard in shards.items() for k in shard}
             total = sum(v.nbytes for v in state.values())
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

@@ -21,7 +21,14 @@ class TextTokenizer(Protocol):
     def encode(self, texts: Sequence[str], max_length: int, add_eos: bool = False) -> list[list[int]]: ...
 
 
-def _special(config: dict[str, Any], key: str) -> str | None:
+def special_token_settings(directory: Path) -> dict[str, Any]:
+    """``special_tokens_map.json`` overlaid with ``tokenizer_config.json`` (either may be absent)."""
+    return {**_read_json(directory / "special_tokens_map.json"),
+            **_read_json(directory / "tokenizer_config.json")}
+
+
+def special_token(config: dict[str, Any], key: str) -> str | None:
+    """The token string of ``key`` (``"eos_token"``...), plain or ``{"content": ...}``."""
     value = config.get(key)
     if isinstance(value, dict):  # {"content": "</s>", ...}
         value = value.get("content")
@@ -47,15 +54,13 @@ class HFTokenizer:
         self.path = path / "tokenizer.json" if path.is_dir() else path
         self._tok = Tokenizer.from_file(str(self.path))
         self._tok.no_padding()
-        directory = self.path.parent
-        settings = {**_read_json(directory / "special_tokens_map.json"),
-                    **_read_json(directory / "tokenizer_config.json")}
+        settings = special_token_settings(self.path.parent)
         model_config = model_config or {}
-        self.pad_id = self._token_id(_special(settings, "pad_token"), model_config.get("pad_token_id"), 0)
+        self.pad_id = self._token_id(special_token(settings, "pad_token"), model_config.get("pad_token_id"), 0)
         eos_id = model_config.get("eos_token_id")
         if isinstance(eos_id, list):
             eos_id = eos_id[0]
-        self.eos_id = self._token_id(_special(settings, "eos_token"), eos_id, None)
+        self.eos_id = self._token_id(special_token(settings, "eos_token"), eos_id, None)
 
     def _token_id(self, token: str | None, fallback: int | None, default: int | None) -> int | None:
         if token is not None and self._tok.token_to_id(token) is not None:

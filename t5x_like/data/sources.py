@@ -126,7 +126,13 @@ def read_queries(path: Path, on_bad_record: str = "error") -> dict[str, str]:
 
 def read_qrels(path: Path, on_bad_record: str = "error") -> dict[str, dict[str, int]]:
     """``query-id  corpus-id  score`` (tab separated, header line, CRLF tolerated)."""
+    return _read_qrels(path, on_bad_record)[0]
+
+
+def _read_qrels(path: Path, on_bad_record: str):
+    """Qrels and the file line of each judged ``(query, doc)`` pair (for later errors)."""
     skipper = _Skipper(path, on_bad_record)
+    line_of: dict[tuple[str, str], int] = {}
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     qrels: dict[str, dict[str, int]] = {}
@@ -146,8 +152,9 @@ def read_qrels(path: Path, on_bad_record: str = "error") -> dict[str, dict[str, 
                 skipper.bad(number, f"score {fields[2]!r} is not a number")
                 continue
             qrels.setdefault(fields[0], {})[fields[1]] = grade
+            line_of[(fields[0], fields[1])] = number
     skipper.report()
-    return qrels
+    return qrels, line_of
 
 
 def read_beir(path: str | Path, split: str = "test", on_bad_record: str = "error") -> BeirData:
@@ -159,20 +166,14 @@ def read_beir(path: str | Path, split: str = "test", on_bad_record: str = "error
         raise FileNotFoundError(f"{qrels_path} does not exist (splits here: {have})")
     corpus = read_corpus(path / "corpus.jsonl", on_bad_record)
     queries = read_queries(path / "queries.jsonl", on_bad_record)
-    qrels = read_qrels(qrels_path, on_bad_record)
-    _check_qrels_ids(qrels_path, qrels, queries, corpus, on_bad_record)
+    qrels, line_of = _read_qrels(qrels_path, on_bad_record)
+    _check_qrels_ids(qrels_path, qrels, line_of, queries, corpus, on_bad_record)
     return BeirData(corpus, queries, qrels, path)
 
 
-def _check_qrels_ids(path, qrels, queries, corpus, on_bad_record) -> None:
+def _check_qrels_ids(path, qrels, line_of, queries, corpus, on_bad_record) -> None:
     """A judged id missing from corpus or queries is an error naming its qrels line."""
     skipper = _Skipper(path, on_bad_record)
-    line_of: dict[tuple[str, str], int] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.rstrip("\r\n").split("\t")
-            if len(fields) == 3:
-                line_of[(fields[0], fields[1])] = number
     for qid in list(qrels):
         if qid not in queries:
             skipper.bad(line_of.get((qid, next(iter(qrels[qid]))), 0),

@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import seqio
 import tensorflow as tf
+
+from t5x_like.convert.tokenizer import special_token, special_token_settings
 
 
 def sentencepiece_vocabulary(path: str | Path) -> seqio.SentencePieceVocabulary:
@@ -40,11 +41,7 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
         self._tok = Tokenizer.from_file(str(self.path))
         self._tok.no_truncation()
         self._tok.no_padding()
-        settings = {}
-        for name in ("special_tokens_map.json", "tokenizer_config.json"):
-            f = self.path.parent / name
-            if f.exists():
-                settings.update(json.loads(f.read_text()))
+        settings = special_token_settings(self.path.parent)
         self._pad = self._special_id(settings, "pad_token", 0)
         self._eos = self._special_id(settings, "eos_token", None)
         self._unk = self._special_id(settings, "unk_token", None)
@@ -52,9 +49,7 @@ class HFTokenizerVocabulary(seqio.Vocabulary):
         super().__init__(extra_ids=0)
 
     def _special_id(self, settings: dict, key: str, default):
-        token = settings.get(key)
-        if isinstance(token, dict):
-            token = token.get("content")
+        token = special_token(settings, key)
         found = self._tok.token_to_id(token) if token else None
         return default if found is None else found
 
