@@ -16,6 +16,7 @@ CORE = [
     "safetensors",
     "tqdm",
     "tensorboardX",
+    "matplotlib",
     "bm25s",
 ]
 
