@@ -1,0 +1,1 @@
+"""Training objectives: language-model cross-entropy (lm) and contrastive losses."""
