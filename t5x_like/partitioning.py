@@ -404,6 +404,15 @@ def shard_batch(mesh: Mesh, batch: Any, rules: Rules | None = None) -> Any:
 # ------------------------------------------------------------- sharded Flax init
 
 
+def abstract_params(module: Any, rng: jax.Array, *args: Any, **kwargs: Any):
+    """``(shapes, logical specs)`` of a logically annotated Linen module's params,
+    from ``jax.eval_shape`` (nothing is allocated)."""
+    import flax.linen as nn
+
+    boxed = jax.eval_shape(lambda r: module.init(r, *args, **kwargs), rng)["params"]
+    return nn.unbox(boxed), nn.get_partition_spec(boxed)
+
+
 def sharded_init(module: Any, mesh: Mesh, rng: jax.Array, *args: Any, **kwargs: Any):
     """Initialises a logically annotated Flax Linen module directly onto ``mesh``.
 
@@ -419,8 +428,8 @@ def sharded_init(module: Any, mesh: Mesh, rng: jax.Array, *args: Any, **kwargs: 
 
     # Shapes first, outside the mesh, so a parameter that does not divide is
     # reported by name before any activation constraint is traced.
-    boxed = jax.eval_shape(lambda r: module.init(r, *args, **kwargs), rng)["params"]
-    shardings = tree_shardings(mesh, nn.get_partition_spec(boxed), nn.unbox(boxed))
+    abstract, specs = abstract_params(module, rng, *args, **kwargs)
+    shardings = tree_shardings(mesh, specs, abstract)
     with jax.set_mesh(mesh):
         params = jax.jit(init, out_shardings=shardings)(rng)
     return params, shardings

@@ -203,13 +203,23 @@ class Embedder:
 
     def hidden_states(self, params, tokens, mask):
         """Final hidden states ``[batch, length, dim]`` for padded tokens and their mask."""
-        variables = {"params": params}
-        if isinstance(self.config, DecoderConfig):
-            # Padding is its own segment; positions count real tokens (left padding too).
-            positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-            return self.module.apply(variables, tokens, segment_ids=mask, positions=positions,
-                                     return_hidden=True)
-        return self.module.apply(variables, tokens, mask)
+        return hidden_states(self.module, params, tokens, mask)
+
+
+def hidden_states(module, params, tokens, mask, *, dropout_rng=None):
+    """Final hidden states of an encoder or decoder ``module`` for padded rows.
+
+    Decoders see padding as its own segment and positions counting real tokens
+    (so left padding works); ``dropout_rng`` turns on an encoder's dropout.
+    """
+    variables = {"params": params}
+    if isinstance(module.config, DecoderConfig):
+        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        return module.apply(variables, tokens, segment_ids=mask, positions=positions,
+                            return_hidden=True)
+    if dropout_rng is None:
+        return module.apply(variables, tokens, mask)
+    return module.apply(variables, tokens, mask, deterministic=False, rngs={"dropout": dropout_rng})
 
 
 def bucket_length(n: int) -> int:
