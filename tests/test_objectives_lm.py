@@ -18,7 +18,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from t5x_like import partitioning as part
 from t5x_like.models import Decoder, DecoderConfig
@@ -116,8 +116,9 @@ def test_next_token_targets_packed_rows():
 # ----------------------------------------------------- chunked vs full logits (fp32)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 13, 100])
-@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+# Length 13: one position per chunk, ragged (4, 5), exactly one chunk, a chunk longer than the rows.
+@pytest.mark.parametrize("chunk_size, z_loss", [(1, 0.0), (4, 1e-2), (5, 0.0), (13, 1e-2),
+                                                (100, 1e-2)])
 def test_chunked_matches_full_logits(chunk_size, z_loss):
     hidden, kernel, targets, weights = random_problem(chunk_size)
     sums, (d_hidden, d_kernel) = chunked_with_grads(
@@ -297,7 +298,13 @@ def test_no_tokens_by_vocab_buffer_in_the_backward_pass():
 # ------------------------------------------------------------------------ sharded
 
 
-def test_sharded_mesh_equals_unsharded(devices):
+@pytest.mark.parametrize("layout, chunk_size", [
+    ({"data": 4, "tensor": 2}, 6),
+    # length over `sequence`: chunks of 10 positions split over it, chunks of 5 cannot (replicated)
+    ({"data": 2, "tensor": 2, "sequence": 2}, 10),
+    ({"data": 2, "tensor": 2, "sequence": 2}, 6),
+], ids=["data4-tensor2", "seq2-even-chunks", "seq2-odd-chunks"])
+def test_sharded_mesh_equals_unsharded(devices, layout, chunk_size):
     batch, length, embed, vocab = 8, 20, 16, 64
     hidden, kernel, _, _ = random_problem(7, batch, length, embed, vocab)
     rng = np.random.default_rng(7)
@@ -308,24 +315,37 @@ def test_sharded_mesh_equals_unsharded(devices):
 
     def loss_and_grads(h, k, t, s, w):
         def loss(h, k):
-            return lm.lm_loss(h, k, t, s, w, chunk_size=6, z_loss=1e-3)[0]
+            return lm.lm_loss(h, k, t, s, w, chunk_size=chunk_size, z_loss=1e-3)[0]
         return jax.value_and_grad(loss, argnums=(0, 1))(h, k)
 
     want_loss, (want_dh, want_dk) = jax.jit(loss_and_grads)(hidden, kernel, tokens, segment_ids,
                                                             loss_weights)
-    mesh = part.make_mesh({"data": 4, "tensor": 2})
-    batch_2d = part.batch_sharding(mesh, 2)
+    mesh = part.make_mesh(layout)
+    rows = part.logical_sharding(mesh, ("batch", "length"))
     hidden_sharding = part.logical_sharding(mesh, ("batch", "length", "embed"))
     kernel_sharding = part.logical_sharding(mesh, ("embed", "vocab"))
-    assert kernel_sharding.spec == P("fsdp", "tensor") and batch_2d.spec[0] == ("data", "fsdp")
+    assert kernel_sharding.spec == P("fsdp", "tensor") and rows.spec[0] == ("data", "fsdp")
     args = [jax.device_put(x, s) for x, s in zip(
         (hidden, kernel, tokens, segment_ids, loss_weights),
-        (hidden_sharding, kernel_sharding, batch_2d, batch_2d, batch_2d))]
+        (hidden_sharding, kernel_sharding, rows, rows, rows))]
     with jax.set_mesh(mesh):
         got_loss, (got_dh, got_dk) = jax.jit(
             loss_and_grads, out_shardings=(None, (hidden_sharding, kernel_sharding)))(*args)
-    assert isinstance(got_dk.sharding, NamedSharding)
     assert got_dk.sharding.spec == P("fsdp", "tensor")
     assert rel_err(got_loss, want_loss) <= 1e-6
     assert rel_err(got_dh, want_dh) <= 1e-6
     assert rel_err(got_dk, want_dk) <= 1e-6
+
+
+def test_flat_token_axis_sharded(devices):
+    tokens_n, embed, vocab = 96, 16, 64
+    hidden, kernel, targets, weights = random_problem(8, 1, tokens_n, embed, vocab)
+    hidden, targets, weights = hidden[0], targets[0], weights[0]  # [tokens, embed], [tokens]
+    fn = jax.jit(lambda h, k: lm.chunked_cross_entropy(h, k, targets, weights, chunk_size=24))
+    want = fn(hidden, kernel)
+    mesh = part.make_mesh({"data": 4, "tensor": 2})
+    with jax.set_mesh(mesh):
+        got = fn(jax.device_put(hidden, part.logical_sharding(mesh, ("batch", "embed"))),
+                 jax.device_put(kernel, part.logical_sharding(mesh, ("embed", "vocab"))))
+    for key in lm.SUM_KEYS:
+        assert rel_err(got[key], want[key]) <= 1e-6, key

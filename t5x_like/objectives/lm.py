@@ -18,12 +18,14 @@ normalise once over the global batch.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from t5x_like.partitioning import with_logical_constraint
+from t5x_like import partitioning
 
 NORMALIZATIONS = ("tokens", "sum")
 SUM_KEYS = ("loss_sum", "z_loss_sum", "weight_sum", "correct_sum")
@@ -113,8 +115,12 @@ def chunked_cross_entropy(
     kernel, dtype, logits_dtype = _resolve_head(head_kernel, dtype, logits_dtype, hidden.dtype)
     if chunk_size < 1:
         raise ValueError(f"chunked_cross_entropy: chunk_size={chunk_size} must be >= 1")
-    if hidden.ndim == 2:  # a flat token axis: one row
+    # Logical names of a chunk's [rows, positions] dims: a flat token axis is one row
+    # whose tokens are sharded as the batch was.
+    chunk_axes = ("batch", "length")
+    if hidden.ndim == 2:
         hidden, targets, weights = hidden[None], targets[None], weights[None]
+        chunk_axes = (None, "batch")
     if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
         raise ValueError(
             f"chunked_cross_entropy: hidden {hidden.shape} must be [batch, length, embed] and "
@@ -141,15 +147,15 @@ def chunked_cross_entropy(
         return jnp.moveaxis(x, 2, 0)
 
     # Gathered over `embed` once, outside the loop (as Embed gathers its table).
-    kernel = with_logical_constraint(kernel.astype(dtype), (None, "vocab"))
+    kernel = _constrain_where_divisible(kernel.astype(dtype), (None, "vocab"))
 
     @jax.checkpoint  # the backward pass recomputes this chunk's logits instead of storing them
     def chunk_sums(h, t, w):
         logits = jax.lax.dot_general(
             h.astype(dtype), kernel, (((2,), (0,)), ((), ())), preferred_element_type=jnp.float32
         )
-        logits = with_logical_constraint(logits.astype(logits_dtype).astype(jnp.float32),
-                                         ("batch", "length", "vocab"))
+        logits = _constrain_where_divisible(logits.astype(logits_dtype).astype(jnp.float32),
+                                            chunk_axes + ("vocab",))
         lse = jax.nn.logsumexp(logits, axis=-1)
         # A masked sum rather than a gather: partitions cleanly over a sharded vocab.
         is_target = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
@@ -218,6 +224,29 @@ def summarize(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """``num / den``, and 0 for a batch without a single weighted token (not NaN)."""
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def _constrain_where_divisible(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """A logical sharding constraint that replicates the dims a chunk size does not divide.
+
+    Chunk shapes follow ``chunk_size``, so unlike model activations a chunk that
+    does not split evenly over its mesh axes is no error: it is just replicated there.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return x
+    spec = partitioning.logical_to_mesh_axes(logical_axes)
+    fitted = [
+        axes if size % math.prod(mesh.shape[a] for a in _mesh_axes(axes)) == 0 else None
+        for size, axes in zip(x.shape, spec)
+    ]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*fitted)))
+
+
+def _mesh_axes(axes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def _resolve_head(head, dtype, logits_dtype, hidden_dtype):
