@@ -241,9 +241,27 @@ def test_decoder_logits_loss_equals_chunked_loss(tied, dtype):
         head = lm.lm_head_weights(params, config)
         return lm.lm_loss(hidden, head, tokens, segment_ids, loss_weights, chunk_size=5)[0]
 
-    if dtype == "bfloat16":  # same operands and roundings; only fp32 summation order differs
-        got, want = jax.jit(lambda p: (chunked_loss(p), full_logits_loss(p)))(params)
-        assert rel_err(got, want) <= 1e-4
+    if dtype == "bfloat16":
+        # Logits of order 1, so that bf16 rounding of them is visible in the loss.
+        params["final_norm"]["scale"] = np.ones_like(params["final_norm"]["scale"])
+        head = ("embed", "embedding") if tied else ("lm_head", "kernel")
+        params[head[0]][head[1]] = params[head[0]][head[1]] * 3
+
+        def unrounded_loss(params):  # what the chunked loss would be without the model's rounding
+            hidden = model.apply({"params": params}, tokens, segment_ids, positions,
+                                 return_hidden=True)
+            head = lm.lm_head_weights(params, config)
+            return lm.lm_loss(hidden, head, tokens, segment_ids, loss_weights, chunk_size=5,
+                              logits_dtype=jnp.float32)[0]
+
+        # XLA may skip bf16 roundings inside a fusion (xla_allow_excess_precision, on by
+        # default), differently in the two programs: exact parity needs it off.
+        got, want, unrounded = jax.jit(
+            lambda p: (chunked_loss(p), full_logits_loss(p), unrounded_loss(p)),
+            compiler_options={"xla_allow_excess_precision": False})(params)
+        assert rel_err(got, want) <= 1e-6  # same operands and roundings as the model
+        # The untied head (layers.Dense) rounds logits to bf16; the tied one (attend) does not.
+        assert (rel_err(unrounded, want) > 2e-5) == (not tied)
         return
     # One program for both (each decoder gradient costs seconds of XLA compile here).
     (got, grads), (want, want_grads) = jax.jit(

@@ -38,6 +38,8 @@ class LMHead(NamedTuple):
     ``dtype`` with fp32 accumulation, and its result is rounded to
     ``logits_dtype`` before the fp32 softmax (the untied ``layers.Dense`` head
     returns logits in the compute dtype; the tied ``Embed.attend`` returns fp32).
+    Under ``jax.jit`` XLA may skip such bf16 roundings inside fusions
+    (``xla_allow_excess_precision``), in the model's program as in this one.
     """
 
     kernel: jax.Array
