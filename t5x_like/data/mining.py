@@ -24,11 +24,13 @@ def filter_false_negatives(candidates: dict[str, list[str]],
     return out
 
 
-def bm25_negatives(data: BeirData, query_ids: list[str], depth: int = 30,
-                   k1: float = 0.9, b: float = 0.4, show_progress: bool = False) -> dict[str, list[str]]:
-    """Top ``depth`` BM25 documents per query, judged-relevant ones removed.
+def bm25_retrieve(data: BeirData, query_ids: list[str], k: int, k1: float = 0.9, b: float = 0.4,
+                  show_progress: bool = False) -> dict[str, list[tuple[str, float]]]:
+    """BM25 (``bm25s``, Lucene scoring) over ``data.passage``: each query's top ``k``
+    ``(doc id, score)``, best first.
 
-    k1 = 0.9, b = 0.4 are Anserini's defaults for BEIR-style retrieval.
+    Words are lower-cased and English stopwords dropped (no stemming). k1 = 0.9,
+    b = 0.4 are Anserini's defaults for BEIR-style retrieval.
     """
     import bm25s
 
@@ -39,11 +41,18 @@ def bm25_negatives(data: BeirData, query_ids: list[str], depth: int = 30,
     index.index(corpus_tokens, show_progress=show_progress)
     query_tokens = bm25s.tokenize([data.queries[q] for q in query_ids], stopwords="en",
                                   show_progress=show_progress)
+    hits, scores = index.retrieve(query_tokens, k=min(k, len(doc_ids)), show_progress=show_progress)
+    return {q: [(doc_ids[i], float(s)) for i, s in zip(np.asarray(row), np.asarray(row_scores))]
+            for q, row, row_scores in zip(query_ids, hits, scores)}
+
+
+def bm25_negatives(data: BeirData, query_ids: list[str], depth: int = 30,
+                   k1: float = 0.9, b: float = 0.4, show_progress: bool = False) -> dict[str, list[str]]:
+    """Top ``depth`` BM25 documents per query (``bm25_retrieve``), judged-relevant ones removed."""
     # Relevant documents are removed afterwards, so fetch enough to still have `depth`.
     extra = max((len(data.qrels.get(q, {})) for q in query_ids), default=0)
-    k = min(depth + extra, len(doc_ids))
-    hits, _ = index.retrieve(query_tokens, k=k, show_progress=show_progress)
-    candidates = {q: [doc_ids[i] for i in np.asarray(row)] for q, row in zip(query_ids, hits)}
+    hits = bm25_retrieve(data, query_ids, depth + extra, k1=k1, b=b, show_progress=show_progress)
+    candidates = {q: [doc for doc, _ in ranked] for q, ranked in hits.items()}
     return {q: docs[:depth] for q, docs in filter_false_negatives(candidates, data.qrels).items()}
 
 
