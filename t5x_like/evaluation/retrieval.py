@@ -201,8 +201,9 @@ def search(query_embeddings, doc_embeddings, k: int, *, mesh: Mesh | None = None
     padded = math.ceil(n_docs / shards) * shards
     doc_ids = np.full(padded, -1, np.int32)
     doc_ids[:n_docs] = np.arange(n_docs)
-    docs = np.pad(docs, ((0, padded - n_docs), (0, 0)))
-    docs = jnp.asarray(docs, dtype=dtype)
+    # Cast and pad on the host, then place each shard straight on its device (the whole
+    # corpus never sits on one device).
+    docs = np.pad(docs, ((0, padded - n_docs), (0, 0))).astype(jnp.dtype(dtype))
     if mesh is not None:
         axes = tuple(mesh.axis_names)
         docs = jax.device_put(docs, NamedSharding(mesh, P(axes, None)))
