@@ -293,3 +293,11 @@ def test_cli_names_a_bad_data_dir_or_split(tmp_path):
     assert "['test']" in result.stderr  # the splits that do exist
     result = run_cli("--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "tiny"))
     assert result.returncode != 0 and "no config.json" in result.stderr
+
+
+def test_evaluation_imports_neither_tensorflow_nor_seqio():
+    code = ("import sys, t5x_like.evaluation.beir; "
+            "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
