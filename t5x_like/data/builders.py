@@ -1,0 +1,73 @@
+"""Training data from a config section: seqio tasks registered and batched in one call.
+
+``contrastive_batches(cfg, vocab, ...)`` reads a BEIR directory or a JSONL
+file of pairs, mines hard negatives (BM25 or a run file), registers the task
+and returns resumable ``GlobalBatches``; ``lm_batches`` does the same for text
+documents packed into rows. The trainer only sees the batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from t5x_like.data import converters, mining, pipeline, sources, tasks
+from t5x_like.data.vocab import HFTokenizerVocabulary, sentencepiece_vocabulary
+
+log = logging.getLogger(__name__)
+NEGATIVES = ("bm25", "random", "run_file", "given")
+
+
+def vocabulary(path: str | Path):
+    """A tokenizer.json (or a directory holding one) or a SentencePiece ``.model``."""
+    path = Path(path)
+    if path.suffix == ".model":
+        return sentencepiece_vocabulary(path)
+    return HFTokenizerVocabulary(path)
+
+
+def contrastive_examples(cfg) -> list[dict]:
+    """Examples from ``cfg.format`` = ``beir`` (``path``, ``split``) or ``pairs`` (JSONL)."""
+    if cfg.negatives not in NEGATIVES:
+        raise ValueError(f"data.negatives={cfg.negatives!r} is not one of {NEGATIVES}")
+    if cfg.format == "pairs":
+        return tasks.pair_examples(sources.read_pairs(cfg.path, on_bad_record=cfg.on_bad_record),
+                                   cfg.num_negatives, seed=cfg.seed, source=str(cfg.path))
+    if cfg.format != "beir":
+        raise ValueError(f"data.format={cfg.format!r} is not one of ('beir', 'pairs')")
+    data = sources.read_beir(cfg.path, cfg.split, on_bad_record=cfg.on_bad_record)
+    negatives = None
+    if cfg.num_negatives and cfg.negatives == "bm25":
+        log.info("mining BM25 negatives for %d queries", len(data.qrels))
+        negatives = mining.bm25_negatives(data, sorted(data.qrels), depth=cfg.mining_depth)
+    elif cfg.num_negatives and cfg.negatives == "run_file":
+        negatives = mining.run_file_negatives(cfg.run_file, data.qrels, depth=cfg.mining_depth)
+    return tasks.beir_examples(data, negatives, num_negatives=cfg.num_negatives, seed=cfg.seed)
+
+
+def contrastive_batches(cfg, vocab, global_batch_size: int, mesh=None, *, seed: int = 0,
+                        name: str = "train_contrastive") -> pipeline.GlobalBatches:
+    examples = contrastive_examples(cfg)
+    spec = tasks.ContrastiveSpec(
+        query_length=cfg.query_length, passage_length=cfg.passage_length,
+        query_prefix=cfg.query_prefix, passage_prefix=cfg.passage_prefix,
+        instruction=cfg.instruction or None, append_eos=cfg.append_eos)
+    tasks.add_contrastive_task(name, examples, vocab, spec)
+    log.info("%s: %d examples, %d passages each", name, len(examples), len(examples[0]["passages"]))
+    batches = pipeline.global_batches(
+        name, converters.ContrastiveConverter(pad_id=vocab.pad_id),
+        {"query": cfg.query_length, "passages": cfg.passage_length}, global_batch_size, mesh,
+        seed=seed)
+    batches.num_examples = len(examples)  # for epoch-based step counts
+    return batches
+
+
+def lm_batches(cfg, vocab, global_batch_size: int, mesh=None, *, seed: int = 0,
+               name: str = "train_lm") -> pipeline.GlobalBatches:
+    """Text files (``cfg.path``: a file or a directory of .txt) packed into ``cfg.length`` rows."""
+    documents = [text for _, text in sources.read_text_documents(cfg.path)]
+    if cfg.split_paragraphs:
+        documents = [p for d in documents for p in d.split("\n\n") if p.strip()]
+    tasks.add_lm_task(name, documents, vocab, chunk_length=cfg.length)
+    return pipeline.global_batches(name, converters.LMConverter(pad_id=vocab.pad_id),
+                                   {"targets": cfg.length}, global_batch_size, mesh, seed=seed)
