@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
         attention="xla",
         remat_policy="none",
         scan_layers=False,
+        rope_theta=0.0,  # decoders: > 0 replaces the RoPE base (long-context ABF)
+        max_position_embeddings=0,  # > 0 replaces the model's
     )
     c.pooling = ""  # mean | cls | last; empty: the model directory's setting, else mean / last
     # t5x_like.objectives.contrastive.ContrastiveConfig
@@ -77,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
         async_checkpoints=True,
         on_nonfinite="error",  # error | skip
         peak_flops_per_device=0.0,  # 0: from the device kind (for MFU)
+        stop_after=0,  # > 0: save and stop after this many steps (a later run resumes)
         export=False,  # write the final model as a Hugging Face directory (LoRA merged)
     )
     c.eval = _section(

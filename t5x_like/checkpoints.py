@@ -41,7 +41,9 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     def save(self, directory, args: "DataIteratorSave"):
         args.iterator.save(Path(directory))
 
-    def restore(self, directory, args: "DataIteratorRestore"):
+    def restore(self, directory, args: "DataIteratorRestore | None" = None):
+        if args is None or args.iterator is None:  # restoring other items only
+            return None
         args.iterator.restore(Path(directory))
         return args.iterator
 
@@ -55,7 +57,7 @@ class DataIteratorSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
 @dataclasses.dataclass
 class DataIteratorRestore(ocp.args.CheckpointArgs):
-    iterator: Any
+    iterator: Any = None
 
 
 def _resumable(data) -> bool:

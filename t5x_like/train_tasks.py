@@ -70,11 +70,17 @@ class _ModelTask:
     def _example_tokens(self):
         return jnp.zeros((1, 8), jnp.int32)
 
+    def _init_kwargs(self) -> dict:
+        # A bare decoder (lm_head=False, as embedders ship) initialises through its hidden states.
+        is_decoder = isinstance(self.model, DecoderConfig)
+        return {"return_hidden": True} if is_decoder and not self.model.lm_head else {}
+
     def abstract_model_params(self, rng):
-        return partitioning.abstract_params(self.module, rng, self._example_tokens())
+        return partitioning.abstract_params(self.module, rng, self._example_tokens(),
+                                            **self._init_kwargs())
 
     def init_model_params(self, rng):
-        return self.module.init(rng, self._example_tokens())["params"]
+        return self.module.init(rng, self._example_tokens(), **self._init_kwargs())["params"]
 
     def _extra_params(self, model_params, rng) -> dict:
         extra = {}
