@@ -210,6 +210,7 @@ def scifact_subset(data, num_queries=100, num_others=300):
 MAX_LENGTH = 64
 
 
+@pytest.mark.slow
 def test_dense_run_with_minilm_matches_sentence_transformers(scifact, tmp_path, devices):
     st = pytest.importorskip("sentence_transformers")
     from t5x_like.evaluation.beir import corpus_cache_key, dense_run
