@@ -64,10 +64,23 @@ def resolve_path(value: str, field: str, must_exist: bool = True) -> Path:
         try:
             path = paths.shared_data(value)
         except FileNotFoundError as e:
+            if value.startswith("beir/") and value.count("/") == 1:
+                return _download_beir(value, field, e)
             raise FileNotFoundError(f"config.{field}={value!r}: no such path here, and {e}") from None
     if must_exist and not path.exists():
         raise FileNotFoundError(f"config.{field}={value!r}: {path} does not exist")
     return path
+
+
+def _download_beir(value: str, field: str, missing: Exception) -> Path:
+    """``beir/NAME`` absent from the shared data: fetch the public BEIR copy (needs a network)."""
+    from t5x_like.data import download
+
+    print(f"config.{field}={value!r} is not in the shared data; downloading BEIR {value[5:]}")
+    try:
+        return download.beir_dataset(value[5:])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.{field}={value!r}: {missing}\nDownload failed too: {e}") from None
 
 
 def resolve_model_dir(value: str) -> Path:
@@ -341,7 +354,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.FIELD=VALUE")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config=FILE[:ARG] and --workdir=DIR are required")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax chatter
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax / bm25s chatter
+    logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("t5x_like").setLevel(logging.INFO)
     print_results(train(_CONFIG.value, _WORKDIR.value))
 
