@@ -35,8 +35,12 @@ from t5x_like.trainer import EvalHook, OptimizerConfig, Trainer
 log = logging.getLogger(__name__)
 TASKS = ("dual_encoder", "lm")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml-collections config file[:arg].")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
+
+
+def define_flags() -> None:
+    """Defined only when run as a program, so importing this module defines no flags."""
+    config_flags.DEFINE_config_file("config", None, "ml-collections config file[:arg].")
+    flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the resolved config go here.")
 
 
 # ---------------------------------------------------------------- config pieces
@@ -352,13 +356,15 @@ def print_results(results: dict) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; use --config.FIELD=VALUE")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    if config is None or not workdir:
         raise app.UsageError("--config=FILE[:ARG] and --workdir=DIR are required")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax / bm25s chatter
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("t5x_like").setLevel(logging.INFO)
-    print_results(train(_CONFIG.value, _WORKDIR.value))
+    print_results(train(config, workdir))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=config_cli.parse_flags)
