@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t5x_like.data.sources import BadRecord, BeirData
+from t5x_like.data.sources import BeirData, read_trec_run
 
 
 def filter_false_negatives(candidates: dict[str, list[str]],
@@ -59,22 +59,6 @@ def bm25_negatives(data: BeirData, query_ids: list[str], depth: int = 30,
 def run_file_negatives(path: str | Path, qrels: dict[str, dict[str, int]],
                        depth: int = 30) -> dict[str, list[str]]:
     """Negatives from a TREC run file (``qid Q0 docid rank score tag``), best score first."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"run file {path} does not exist")
-    scored: dict[str, list[tuple[float, str]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 6:
-                raise BadRecord(f"{path}:{number}: expected 6 fields (qid Q0 docid rank score tag), "
-                                f"got {len(fields)}")
-            try:
-                score = float(fields[4])
-            except ValueError:
-                raise BadRecord(f"{path}:{number}: score {fields[4]!r} is not a number") from None
-            scored.setdefault(fields[0], []).append((score, fields[2]))
-    ranked = {q: [d for _, d in sorted(v, key=lambda x: -x[0])] for q, v in scored.items()}
+    run = read_trec_run(path)
+    ranked = {q: sorted(scores, key=lambda d: -scores[d]) for q, scores in run.items()}
     return {q: docs[:depth] for q, docs in filter_false_negatives(ranked, qrels).items()}

@@ -258,3 +258,31 @@ def read_text_documents(path: str | Path, gutenberg: bool | None = None) -> list
             raise BadRecord(f"{f}: empty text")
         out.append((f.name, raw))
     return out
+
+
+# -------------------------------------------------------------------- run files
+
+
+def read_trec_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """A TREC run file back into ``{qid: {docid: score}}``; errors name file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run file {path} does not exist")
+    run: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 6:
+                raise BadRecord(f"{path}:{number}: expected 6 fields (qid Q0 docid rank score tag), "
+                                 f"got {len(fields)}")
+            qid, _, doc, _, score, _ = fields
+            try:
+                value = float(score)
+            except ValueError:
+                raise BadRecord(f"{path}:{number}: score {score!r} is not a number") from None
+            if doc in run.setdefault(qid, {}):
+                raise BadRecord(f"{path}:{number}: document {doc!r} listed twice for query {qid!r}")
+            run[qid][doc] = value
+    return run

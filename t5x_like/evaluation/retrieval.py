@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from t5x_like.data.sources import read_trec_run  # noqa: F401  (re-exported: runs in, runs out)
+
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100, 1000)
 METRICS = ("ndcg", "map", "recall", "precision", "mrr")
 MISSING_QUERIES = ("skip", "zero")
@@ -265,27 +267,3 @@ def write_trec_run(path: str | Path, run: Run, tag: str) -> None:
                     raise ValueError(f"query id {qid!r} / doc id {doc!r} contains whitespace")
                 f.write(f"{qid} Q0 {doc} {rank} {scores[doc]!r} {tag}\n")
 
-
-def read_trec_run(path: str | Path) -> Run:
-    """A TREC run file back into ``{qid: {docid: score}}``; errors name file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"run file {path} does not exist")
-    run: Run = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 6:
-                raise ValueError(f"{path}:{number}: expected 6 fields (qid Q0 docid rank score tag), "
-                                 f"got {len(fields)}")
-            qid, _, doc, _, score, _ = fields
-            try:
-                value = float(score)
-            except ValueError:
-                raise ValueError(f"{path}:{number}: score {score!r} is not a number") from None
-            if doc in run.setdefault(qid, {}):
-                raise ValueError(f"{path}:{number}: document {doc!r} listed twice for query {qid!r}")
-            run[qid][doc] = value
-    return run
