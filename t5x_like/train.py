@@ -15,6 +15,8 @@ import importlib
 import json
 import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -339,7 +341,12 @@ def export_model(task, state, model_config, tok_dir, out: Path) -> None:
     from t5x_like.convert import hf
 
     params = jax.device_get(jax.jit(task.export_params)(state.params))
-    hf.save_hf(out, model_config, params, tokenizer_dir=tok_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        if tok_dir.is_file():  # a bare tokenizer file: give it the name transformers looks for
+            name = "tokenizer.model" if tok_dir.suffix == ".model" else "tokenizer.json"
+            shutil.copy(tok_dir, Path(tmp) / name)
+            tok_dir = Path(tmp)
+        hf.save_hf(model_config, params, out, tokenizer_dir=tok_dir)
     print(f"exported the trained model to {out}")
 
 

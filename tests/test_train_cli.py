@@ -27,7 +27,8 @@ def load(spec, **overrides):
 @pytest.mark.parametrize("spec", ["configs/e5_pretrain.py:tiny", "configs/e5_mistral_lora.py:tiny",
                                   "configs/llama_long_context.py:tiny"])
 def test_tiny_configs_train(devices, tmp_path, spec):
-    results = train.train(load(spec), tmp_path)
+    lora = "lora" in spec
+    results = train.train(load(spec, **({"train.export": True} if lora else {})), tmp_path)
     assert results["steps"] == 3
     records = read_jsonl(tmp_path / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
@@ -37,6 +38,16 @@ def test_tiny_configs_train(devices, tmp_path, spec):
     assert checkpoints.Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 3]
     if "llama" in spec:  # held-out perplexity before and after
         assert results["after"]["perplexity"] < results["before"]["perplexity"]
+    if lora:  # the export is the base with the trained adapters merged in
+        from t5x_like.convert import hf
+
+        config, exported = hf.load_hf(tmp_path / "export")
+        assert config.model_type == "mistral" and not config.lm_head
+        ckpt = checkpoints.Checkpointer(tmp_path / "checkpoints").manager.restore(3)["state"]["params"]
+        base = ckpt["model"]["layer_0"]["attention"]["query"]["kernel"]
+        merged = exported["layer_0"]["attention"]["query"]["kernel"]
+        assert not np.allclose(merged, base)  # the adapters moved it
+        np.testing.assert_array_equal(exported["embed"]["embedding"], ckpt["model"]["embed"]["embedding"])
 
 
 def final_params(workdir):
