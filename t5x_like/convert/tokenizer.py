@@ -3,8 +3,9 @@
 Both give the same small interface: ``encode(texts, max_length, add_eos)``
 returns id lists with the model's special tokens (``[CLS] ... [SEP]``,
 ``<s> ...``) and truncation as transformers applies them, plus ``pad_id`` and
-``eos_id``. ``add_eos`` appends EOS after truncating to ``max_length - 1``
-(last-token pooling of decoder embedders, as E5-mistral does).
+``eos_id``; ``decode(ids)`` gives text back (special tokens dropped). ``add_eos``
+appends EOS after truncating to ``max_length - 1`` (last-token pooling of decoder
+embedders, as E5-mistral does).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ class TextTokenizer(Protocol):
     eos_id: int | None
 
     def encode(self, texts: Sequence[str], max_length: int, add_eos: bool = False) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def special_token_settings(directory: Path) -> dict[str, Any]:
@@ -74,6 +77,9 @@ class HFTokenizer:
         ids = [e.ids for e in self._tok.encode_batch(list(texts))]
         return _append_eos(ids, self.eos_id) if add_eos else ids
 
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
 
 class SentencePieceTokenizer:
     """A SentencePiece model (Llama-2 style): BOS prepended, EOS on request."""
@@ -92,6 +98,10 @@ class SentencePieceTokenizer:
         ids = [([self._sp.bos_id()] if self.add_bos else []) + p[:limit]
                for p in self._sp.encode(list(texts))]
         return _append_eos(ids, self.eos_id) if add_eos else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        del skip_special_tokens  # SentencePiece drops control tokens (BOS / EOS) anyway
+        return self._sp.decode(list(ids))
 
 
 def _append_eos(ids: list[list[int]], eos_id: int | None) -> list[list[int]]:

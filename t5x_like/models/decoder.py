@@ -10,8 +10,10 @@ embedder.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -70,19 +72,55 @@ class DecoderBlock(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, cache_index=None, kv_segment_ids=None,
+                 layer_cache=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         h = layers.RMSNorm(cfg.norm_eps, dtype=dtype, name="attention_norm")(x)
-        h = layers.Attention(
+        attention = layers.Attention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             causal=cfg.causal, use_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window,
             implementation=cfg.attention, dtype=dtype, name="attention",
-        )(h, segment_ids, positions, cfg.rotary())
+        )
+        new_cache = None
+        if layer_cache is None:
+            h = attention(h, segment_ids, positions, cfg.rotary())
+        else:
+            h, new_cache = attention(h, segment_ids, positions, cfg.rotary(), kv_cache=layer_cache,
+                                     cache_index=cache_index, kv_segment_ids=kv_segment_ids)
         x = with_logical_constraint(x + h, ("batch", "length", "embed"))
         h = layers.RMSNorm(cfg.norm_eps, dtype=dtype, name="mlp_norm")(x)
         h = layers.GatedMLP(cfg.mlp_dim, dtype=dtype, name="mlp")(h)
-        return with_logical_constraint(x + h, ("batch", "length", "embed")), None
+        return with_logical_constraint(x + h, ("batch", "length", "embed")), new_cache
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for cached decoding (a pytree; see ``init_cache``).
+
+    ``layers``: per layer ``(k, v)``, each ``[batch, length, kv_heads, head_dim]``
+    in the compute dtype (only the kv heads: GQA caches ``num_kv_heads``); one pair
+    stacked on a leading layer axis when ``scan_layers``, else a tuple of pairs.
+    ``positions`` ``[batch, length]`` int32: the RoPE position of the token in each
+    slot, -1 for an empty or padding slot (never attended). ``index``: the next
+    slot to write (int32 scalar, the same for every row).
+    """
+
+    layers: Any
+    positions: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: "DecoderConfig", batch: int, length: int) -> KVCache:
+    """An empty cache of ``length`` slots for ``batch`` rows."""
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(config.dtype)
+    if config.scan_layers:
+        stacked = (config.num_layers,) + shape
+        kv = (jnp.zeros(stacked, dtype), jnp.zeros(stacked, dtype))
+    else:
+        kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+    return KVCache(kv, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
 
 class Decoder(nn.Module):
@@ -91,25 +129,43 @@ class Decoder(nn.Module):
     ``segment_ids`` ``[batch, length]`` separate packed documents (and padding,
     given its own id); ``positions`` default to ``0..length-1``.
     ``return_hidden=True`` returns the final-normed hidden states instead.
+
+    Cached decoding (opt-in; the uncached call above is unchanged): with
+    ``cache`` (a ``KVCache`` from ``init_cache``) the call writes the new tokens'
+    keys / values at ``cache.index`` and returns ``(logits, new_cache)``. A call of
+    several tokens is a *prefill* into an empty cache (``index`` 0): masked exactly
+    as the uncached call (``segment_ids`` 0 marks padding, which is then never
+    attended). A call of one token is a decoding *step*: it attends to every cached
+    slot whose position is ``<=`` its own and, with ``sliding_window``, within the
+    window counted in positions, so padding slots anywhere change nothing.
+    ``positions`` default to ``index + 0..length-1`` (unpadded rows).
+    ``logits_index`` ``[batch]`` keeps one position per row (``[batch, 1, ...]`` out).
     """
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, tokens, segment_ids=None, positions=None, return_hidden=False):
+    def __call__(self, tokens, segment_ids=None, positions=None, return_hidden=False, *,
+                 cache: KVCache | None = None, logits_index=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1]), tokens.shape)
         embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name="embed")
         x = with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
-        x = layers.apply_stack(
-            DecoderBlock, cfg.num_layers, remat_policy=cfg.remat_policy, scan=cfg.scan_layers,
-            x=x, args=(segment_ids, positions), config=cfg,
-        )
+        if cache is None:
+            x = layers.apply_stack(
+                DecoderBlock, cfg.num_layers, remat_policy=cfg.remat_policy, scan=cfg.scan_layers,
+                x=x, args=(segment_ids, positions), config=cfg,
+            )
+        else:
+            x, cache = self._cached_stack(x, segment_ids, positions, cache)
+        if logits_index is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logits_index)[:, None, None], axis=1)
         x = layers.RMSNorm(cfg.norm_eps, dtype=dtype, name="final_norm")(x)
         if return_hidden:
-            return x
+            return x if cache is None else (x, cache)
         if not cfg.lm_head:
             raise ValueError("this decoder has no LM head (lm_head=False); call it with return_hidden=True")
         if cfg.tie_embeddings:
@@ -119,7 +175,36 @@ class Decoder(nn.Module):
                 features=(cfg.vocab_size,), in_axes=("embed",), out_axes=("vocab",),
                 dtype=dtype, name="lm_head",
             )(x)
-        return with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, cache)
+
+    def _cached_stack(self, x, segment_ids, positions, cache: KVCache):
+        cfg = self.config
+        if not cfg.causal:
+            raise ValueError("cached decoding needs a causal decoder (config.causal=False)")
+        positions = jnp.asarray(positions, jnp.int32)
+        batch, length = x.shape[:2]
+        if length == 1:  # a step: attend to the cache, masked by positions
+            new_positions = jax.lax.dynamic_update_slice_in_dim(
+                cache.positions, positions, cache.index, axis=1)
+            query = positions[:, :1]
+            visible = (new_positions >= 0) & (new_positions <= query)
+            if cfg.sliding_window is not None:
+                visible &= query - new_positions < cfg.sliding_window
+            kv_segment_ids = visible.astype(jnp.int32)
+            segment_ids = jnp.ones((batch, 1), jnp.int32)
+        else:  # a prefill: attend among the new tokens, as the uncached call
+            real = positions if segment_ids is None else jnp.where(segment_ids > 0, positions, -1)
+            new_positions = jax.lax.dynamic_update_slice_in_dim(
+                cache.positions, real, cache.index, axis=1)
+            kv_segment_ids = None
+        new_positions = with_logical_constraint(new_positions, ("batch", "kv_length"))
+        x, kv = layers.apply_stack(
+            DecoderBlock, cfg.num_layers, remat_policy="none", scan=cfg.scan_layers, x=x,
+            args=(segment_ids, positions, cache.index, kv_segment_ids), per_layer=cache.layers,
+            config=cfg,
+        )
+        return x, KVCache(kv, new_positions, cache.index + length)
 
 
 def count_params(params) -> int:

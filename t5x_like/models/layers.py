@@ -143,6 +143,15 @@ class Attention(nn.Module):
     """Multi-head / grouped-query self-attention through the one attention entry point.
 
     ``rotary`` (optional) is applied to q and k as ``rotary(x, positions)``.
+
+    KV-cache decoding (opt-in, no parameters of its own): with ``kv_cache=(k, v)``
+    (each ``[batch, cache_len, kv_heads, head_dim]``; only kv heads are cached)
+    the new keys / values are written at slot ``cache_index`` and the call returns
+    ``(out, (k, v))``. Without ``kv_segment_ids`` the queries attend among the new
+    tokens only (a prefill into an empty cache, masked as a plain call); with
+    ``kv_segment_ids`` ``[batch, cache_len]`` they attend to the whole cache,
+    unmasked but for the ids (``segment_ids`` on the query side): the caller folds
+    causality and any sliding window into those ids.
     """
 
     num_heads: int
@@ -165,7 +174,11 @@ class Attention(nn.Module):
         segment_ids: jax.Array | None,
         positions: jax.Array | None = None,
         rotary: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-    ) -> jax.Array:
+        *,
+        kv_cache: tuple[jax.Array, jax.Array] | None = None,
+        cache_index: jax.Array | int = 0,
+        kv_segment_ids: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         def proj(name, heads, axes):
             return Dense(
                 features=(heads, self.head_dim), in_axes=("embed",), out_axes=(axes, "head_dim"),
@@ -182,16 +195,35 @@ class Attention(nn.Module):
         k = with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
         v = with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
         window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
-        out = dot_product_attention(
-            q, k, v, causal=self.causal, segment_ids=segment_ids,
-            implementation=self.implementation, interpret=self.interpret, **window,
-        )
+        new_cache = None
+        if kv_cache is not None:
+            new_cache = tuple(
+                with_logical_constraint(
+                    jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), cache_index, axis=1),
+                    ("batch", "kv_length", "kv_heads", "head_dim"),
+                )
+                for c, new in zip(kv_cache, (k, v))
+            )
+        if kv_segment_ids is not None:
+            if new_cache is None:
+                raise ValueError("Attention: kv_segment_ids is for decoding against a kv_cache")
+            out = dot_product_attention(
+                q, *new_cache, causal=False, segment_ids=segment_ids,
+                kv_segment_ids=kv_segment_ids, implementation=self.implementation,
+                interpret=self.interpret,
+            )
+        else:
+            out = dot_product_attention(
+                q, k, v, causal=self.causal, segment_ids=segment_ids,
+                implementation=self.implementation, interpret=self.interpret, **window,
+            )
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        return Dense(
+        out = Dense(
             features=(x.shape[-1],), in_axes=("heads", "head_dim"), out_axes=("embed",),
             use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
             kernel_init=self.kernel_init, name="out",
         )(out)
+        return out if new_cache is None else (out, new_cache)
 
 
 class GatedMLP(nn.Module):
@@ -266,28 +298,44 @@ def check_remat_policy(policy: str, field: str = "remat_policy") -> None:
 
 
 def apply_stack(block: type[nn.Module], num_layers: int, *, remat_policy: str, scan: bool,
-                x: jax.Array, args: tuple, **block_kwargs) -> jax.Array:
+                x: jax.Array, args: tuple, per_layer=None, **block_kwargs):
     """Runs ``num_layers`` copies of ``block`` over ``x``; blocks return ``(x, None)``.
 
     Unscanned layers are named ``layer_{i}``; scanned ones share one ``layers``
     scope whose parameters gain a leading ``layers`` axis. Call from inside a
     compact method.
+
+    ``per_layer`` (e.g. a KV cache): one more argument that differs by layer,
+    a pytree stacked on a leading layer axis when ``scan`` and a sequence of
+    ``num_layers`` pytrees otherwise. Blocks then return ``(x, y)`` and the call
+    returns ``(x, ys)`` with ``ys`` laid out as ``per_layer``.
     """
     check_remat_policy(remat_policy)
     if remat_policy != "none":
         # prevent_cse only matters outside scan (scan already blocks CSE across steps).
         block = nn.remat(block, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan)
     if scan:
+        extra = () if per_layer is None else (0,)
         scanned = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * len(args),
+            in_axes=(nn.broadcast,) * len(args) + extra,
             length=num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = scanned(**block_kwargs, name="layers")(x, *args)
+        if per_layer is None:
+            x, _ = scanned(**block_kwargs, name="layers")(x, *args)
+            return x
+        return scanned(**block_kwargs, name="layers")(x, *args, per_layer)
+    if per_layer is None:
+        for i in range(num_layers):
+            x, _ = block(**block_kwargs, name=f"layer_{i}")(x, *args)
         return x
+    if len(per_layer) != num_layers:
+        raise ValueError(f"apply_stack: per_layer has {len(per_layer)} entries for {num_layers} layers")
+    ys = []
     for i in range(num_layers):
-        x, _ = block(**block_kwargs, name=f"layer_{i}")(x, *args)
-    return x
+        x, y = block(**block_kwargs, name=f"layer_{i}")(x, *args, per_layer[i])
+        ys.append(y)
+    return x, type(per_layer)(ys) if isinstance(per_layer, tuple) else ys
