@@ -210,7 +210,7 @@ class Trainer:
         sums, grads = self._sums_and_grads(state.params, batch, rng)
         weight = sums["weight"]
         grads = jax.tree.map(lambda g: g / weight, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         loss = sums["loss"] / weight
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
