@@ -201,7 +201,7 @@ def check_config(cfg) -> None:
 # ------------------------------------------------------------------------- eval
 
 
-def beir_hook(cfg, task, trainer, model_config, tok_dir, workdir) -> tuple[EvalHook, dict]:
+def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict]:
     """nDCG@10 / recall@100 of the current parameters on a BEIR split (+ BM25 once)."""
     from t5x_like.convert.tokenizer import load_tokenizer
     from t5x_like.convert.hf import read_hf_config
@@ -305,7 +305,7 @@ def train(cfg, workdir: str | Path) -> dict:
 
     hooks, results = [], {"steps": steps}
     if cfg.task == "dual_encoder" and cfg.eval.beir_path:
-        hook, baseline = beir_hook(cfg, task, trainer, model_config, tok_dir, workdir)
+        hook, baseline = beir_hook(cfg, task, model_config, tok_dir, workdir)
         hooks.append(hook)
         if baseline:
             results["bm25"] = {"ndcg@10": baseline["ndcg@10"], "recall@100": baseline["recall@100"]}

@@ -16,8 +16,6 @@ micro-batches and devices add up before one division by ``weight``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,10 +28,6 @@ from t5x_like.models.embedder import hidden_states, pool
 from t5x_like.objectives import contrastive, lm
 
 TRAIN, FROZEN = "train", "frozen"
-
-
-def _count(tree) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def _non_embedding_params(model_params) -> int:
@@ -221,13 +215,6 @@ class LanguageModelTask(_ModelTask):
                            weight_grads=self.lora is None)
 
 
-Task = DualEncoderTask | LanguageModelTask
-
 
 def batch_shapes(batch: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in batch.items()}
-
-
-def describe(task: Any, params) -> str:
-    trainable = sum(_count(v) for k, v in params.items() if not (k == "model" and task.lora))
-    return f"{_count(params):,} parameters, {trainable:,} trained"

@@ -374,12 +374,11 @@ def _save_batch(batch: dict, step: int, workdir) -> Path | None:
     if workdir is None:
         return None
     path = Path(workdir) / f"nonfinite_batch_step{step}.process{jax.process_index()}.npz"
-    def local(x):
+    def host_rows(x):  # this process's rows, each batch shard once
         if not isinstance(x, jax.Array) or x.is_fully_addressable:
             return np.asarray(x)
         shards = {s.index[0].start: np.asarray(s.data) for s in x.addressable_shards}
         return np.concatenate([shards[k] for k in sorted(shards, key=lambda i: i or 0)])
 
-    local = {k: local(v) for k, v in batch.items()}
-    np.savez(path, **local)
+    np.savez(path, **{k: host_rows(v) for k, v in batch.items()})
     return path
