@@ -28,6 +28,7 @@ there. Every backend is tested against a float64 numpy reference.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import numbers
 from typing import Callable, Protocol
 
@@ -319,6 +320,42 @@ def _cudnn_rows_that_see_a_key(q_segment_ids, kv_segment_ids, spec: AttentionSpe
         # Causal, top-left: query i's nearest key is kv_len - 1, outside the window here.
         return (jnp.arange(spec.q_len) < spec.kv_len - 1 + window)[None]
     return None
+
+
+# ------------------------------------------------------------------------- pallas
+# Pallas kernels live in modules of their own, imported on first use: importing
+# jax.experimental.pallas is slow, and most runs never call them. Each module
+# registers its real backend on import, replacing the stub registered here.
+
+_PALLAS_MODULES = {"pallas_tpu": "t5x_like.kernels.pallas_tpu"}
+
+
+def _lazy_backend(name: str, module: str) -> Backend:
+    def import_then_call(*args, **kwargs):
+        importlib.import_module(module)
+        if IMPLEMENTATIONS[name] is import_then_call:
+            raise RuntimeError(f"{module} did not register the attention backend {name!r}")
+        return IMPLEMENTATIONS[name](*args, **kwargs)
+
+    return import_then_call
+
+
+for _name, _module in _PALLAS_MODULES.items():
+    register(_name)(_lazy_backend(_name, _module))
+
+
+@register("pallas")
+def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):
+    """The platform's Pallas kernel: pltpu on TPU, and on CPU with ``interpret=True``."""
+    name = "pallas_tpu"
+    if jax.default_backend() == "gpu":
+        name = "pallas_gpu"
+        if name not in IMPLEMENTATIONS:
+            raise NotImplementedError(
+                "implementation='pallas' on a GPU needs the Pallas GPU kernel ('pallas_gpu'), "
+                "which t5x_like does not have yet; use 'cudnn' (bf16/fp16), 'chunked' or 'xla'"
+            )
+    return IMPLEMENTATIONS[name](q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret)
 
 
 def flops(spec: AttentionSpec, backward: bool = False) -> float:

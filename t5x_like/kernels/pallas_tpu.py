@@ -1,0 +1,635 @@
+"""Flash attention as a Pallas TPU (Mosaic) kernel, forward and backward.
+
+Registered as ``implementation="pallas_tpu"`` (and reached through ``"pallas"`` on a
+TPU or, with ``interpret=True``, on CPU). Semantics are those of
+``t5x_like.kernels.attention``: top-left causal, sliding window, segment ids,
+zeros (and zero gradients) for rows that see no key. The algorithm is the one of
+``kernels/chunked.py`` laid onto a Pallas grid:
+
+* **Forward**: grid ``(batch, heads, q blocks, kv blocks)``, the kv axis innermost
+  and sequential; an online softmax keeps ``m``, ``l`` and the output accumulator in
+  VMEM scratch and writes the output and the per-row logsumexp once per q block.
+* **Backward** (``jax.custom_vjp``, logsumexp saved): two kernels that recompute the
+  block probabilities from the logsumexp: a dq kernel (grid like the forward, kv
+  innermost) and a dk/dv kernel (grid ``(batch, kv_heads, kv blocks, groups, q
+  blocks)``). Two kernels rather than one fused: a fused kernel must add every
+  (q, kv) block's dq contribution into an output block that other grid steps own,
+  which a TPU grid cannot do without atomics or a ``[kv blocks, q_len, d]`` partial
+  buffer; split, each kernel reduces along its innermost grid axes into VMEM and
+  writes its output once. The price is computing ``q k^T`` and ``exp`` twice.
+* **GQA** without copies: the kv BlockSpecs index kv head ``h // groups``, and the
+  dk/dv grid walks a kv head's query heads as a reduction axis, so dk/dv come out
+  per kv head with no sum over repeats.
+* **Block skipping**: a block no query of the q block can see (the causal upper
+  triangle, outside the window, disjoint segment id ranges, padding) is not
+  computed: per q block the first / last visible kv block (and per kv block the
+  first / last visible q block) plus per-block min / max segment ids go to SMEM by
+  scalar prefetch, and ``pl.when`` gates the compute. The index maps clamp the kv
+  (resp. q) block index into that first..last range, so a skipped step asks for
+  the block already resident (or the next one needed) and the pipeline issues no
+  DMA for it (splash attention's trick, here with O(blocks) SMEM instead of a
+  per-block table). Blocks inside the range that are invisible (a gap between
+  documents of unsorted ids) are still fetched but not computed.
+* **Mask only where needed**: a block whose pairs are all visible (inside the
+  causal / window band, no padding, one segment id on both sides) runs without
+  building the element mask.
+
+Layout: q, k, v are transposed to ``[batch, heads, length, head_dim]`` (one HBM pass
+each way) because a TPU block's last two dims must be (sublane, lane) tiles, and
+the ``[b, T, H, d]`` layout would put a squeezed heads axis in the second-minor
+place. Lengths are padded up to the block size and the padding masked. Segment ids
+and the logsumexp travel lane- / sublane-broadcast (``[.., T, 128]`` /
+``[.., 8, T]``) as the TPU vector layout wants.
+
+Real-TPU constraints (checked when not interpreting): ``block_q`` a multiple of 8
+and ``block_k`` a multiple of 128 (or the whole padded length). Defaults 512 / 512
+(clamped to the rounded-up lengths) suit v4/v5 with head_dim <= 256. In interpret
+mode (``interpret=True``, how the CPU tests run it) any block size works. This
+kernel has been tested in interpret mode only; its Mosaic lowering is unverified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from t5x_like.kernels import attention
+
+DEFAULT_BLOCK_Q = 512
+DEFAULT_BLOCK_K = 512
+NUM_LANES = 128
+NUM_SUBLANES = 8
+
+
+# ----------------------------------------------------------------- static config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Everything static about one call (hashable: custom_vjp's nondiff argument)."""
+
+    causal: bool
+    window: int | None
+    scale: float
+    q_len: int  # real lengths; the arrays are padded to nq * bq and nk * bk
+    kv_len: int
+    bq: int
+    bk: int
+    groups: int
+    segmented: bool
+    interpret: bool
+
+    @property
+    def nq(self) -> int:
+        return -(-self.q_len // self.bq)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.kv_len // self.bk)
+
+    @property
+    def q_padded(self) -> bool:
+        return self.nq * self.bq != self.q_len
+
+    @property
+    def kv_padded(self) -> bool:
+        return self.nk * self.bk != self.kv_len
+
+
+def _block_sizes(spec: attention.AttentionSpec, on_tpu: bool) -> tuple[int, int]:
+    """``spec.block_sizes`` clamped to the lengths, or TPU-friendly defaults.
+
+    Defaults round the lengths up to the TPU tile (8 rows, 128 lanes) so a short
+    sequence still gets a legal block; user blocks are taken as given (tests use
+    tiny ones in interpret mode) but must be tile-aligned on a real TPU.
+    """
+    if spec.block_sizes is None:
+        bq = min(DEFAULT_BLOCK_Q, _round_up(spec.q_len, NUM_SUBLANES))
+        bk = min(DEFAULT_BLOCK_K, _round_up(spec.kv_len, NUM_LANES))
+        return bq, bk
+    bq, bk = min(spec.block_sizes[0], spec.q_len), min(spec.block_sizes[1], spec.kv_len)
+    if on_tpu and (
+        (bq % NUM_SUBLANES and bq != spec.q_len) or (bk % NUM_LANES and bk != spec.kv_len)
+    ):
+        raise ValueError(
+            f"implementation='pallas_tpu' on a TPU needs block_q % {NUM_SUBLANES} == 0 and "
+            f"block_k % {NUM_LANES} == 0 (or a block covering the whole length); got "
+            f"block_sizes={spec.block_sizes} for q_len={spec.q_len}, kv_len={spec.kv_len}"
+        )
+    return bq, bk
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ------------------------------------------------------- block visibility (shared)
+# These take block indices as Python ints, jnp arrays or in-kernel scalars alike.
+
+
+def _distance_bounds(cfg: _Config) -> tuple[int | None, int | None]:
+    """The allowed ``q_pos - kv_pos``: ``[lo, hi]``, None meaning unbounded."""
+    lo = 0 if cfg.causal else None
+    hi = None
+    if cfg.window is not None:
+        hi = cfg.window - 1
+        lo = lo if lo is not None else -(cfg.window - 1)
+    return lo, hi
+
+
+def _distance_range(cfg: _Config, i, j):
+    """Smallest and largest ``q_pos - kv_pos`` between the real rows of q block ``i``
+    and the real keys of kv block ``j`` (padding excluded: it sees nothing)."""
+    q_first = i * cfg.bq
+    q_last = jnp.minimum(q_first + cfg.bq, cfg.q_len) - 1
+    k_first = j * cfg.bk
+    k_last = jnp.minimum(k_first + cfg.bk, cfg.kv_len) - 1
+    return q_first - k_last, q_last - k_first
+
+
+def _block_sees_by_position(cfg: _Config, i, j):
+    """Whether some pair of the blocks is visible by position (segments aside).
+
+    The distances form one contiguous integer interval, so the blocks see each
+    other iff it meets the allowed interval.
+    """
+    dmin, dmax = _distance_range(cfg, i, j)
+    lo, hi = _distance_bounds(cfg)
+    sees = jnp.ones(jnp.shape(dmin), bool)
+    if lo is not None:
+        sees = sees & (dmax >= lo)
+    if hi is not None:
+        sees = sees & (dmin <= hi)
+    return sees
+
+
+def _block_full_by_position(cfg: _Config, i, j):
+    """Whether every pair of the blocks is visible by position and none is padding."""
+    dmin, dmax = _distance_range(cfg, i, j)
+    lo, hi = _distance_bounds(cfg)
+    full = jnp.ones(jnp.shape(dmin), bool)
+    if lo is not None:
+        full = full & (dmin >= lo)
+    if hi is not None:
+        full = full & (dmax <= hi)
+    if cfg.q_padded:
+        full = full & ((i + 1) * cfg.bq <= cfg.q_len)
+    if cfg.kv_padded:
+        full = full & ((j + 1) * cfg.bk <= cfg.kv_len)
+    return full
+
+
+class _BlockMeta(NamedTuple):
+    """Scalar-prefetched (SMEM) block facts, each 1-D: ``[batch * nq]`` or ``[batch * nk]``.
+
+    ``row_lo..row_hi``: the visible kv blocks of a q block (empty: 0, -1);
+    ``col_lo..col_hi``: the visible q blocks of a kv block; ``*_min/_max``: the
+    segment id range of a block's real tokens (all 0 without segment ids).
+    """
+
+    row_lo: jax.Array
+    row_hi: jax.Array
+    col_lo: jax.Array
+    col_hi: jax.Array
+    q_min: jax.Array
+    q_max: jax.Array
+    kv_min: jax.Array
+    kv_max: jax.Array
+
+
+def _block_meta(cfg: _Config, batch: int, qs, ks) -> _BlockMeta:
+    """Per-block bounds from positions and segment-id ranges (plain JAX, O(nq * nk)).
+
+    Two blocks whose id ranges are disjoint share no id, whatever the order of the
+    ids, so skipping them is exact; for sorted (packed) ids it is also tight.
+    """
+    visible = _block_sees_by_position(cfg, jnp.arange(cfg.nq)[:, None], jnp.arange(cfg.nk)[None])
+    visible = jnp.broadcast_to(visible, (batch, cfg.nq, cfg.nk))
+    if qs is None:
+        q_min = q_max = jnp.zeros((batch, cfg.nq), jnp.int32)
+        kv_min = kv_max = jnp.zeros((batch, cfg.nk), jnp.int32)
+    else:
+        q_min, q_max = _id_ranges(qs, cfg.bq)
+        kv_min, kv_max = _id_ranges(ks, cfg.bk)
+        visible = (
+            visible
+            & (q_min[:, :, None] <= kv_max[:, None, :])
+            & (kv_min[:, None, :] <= q_max[:, :, None])
+        )
+    row_lo, row_hi = _first_last(visible, axis=2)
+    col_lo, col_hi = _first_last(visible, axis=1)
+    flat = (row_lo, row_hi, col_lo, col_hi, q_min, q_max, kv_min, kv_max)
+    return _BlockMeta(*(x.reshape(-1).astype(jnp.int32) for x in flat))
+
+
+def _id_ranges(ids: jax.Array, block: int):
+    """Min and max id per block, ``[batch, n]``; ids are edge-padded, so padding adds
+    no new id."""
+    blocks = ids.reshape(ids.shape[0], -1, block)
+    return blocks.min(axis=2), blocks.max(axis=2)
+
+
+def _first_last(visible: jax.Array, axis: int):
+    """First and last True index along ``axis``; ``(0, -1)`` where there is none."""
+    n = visible.shape[axis]
+    idx = lax.broadcasted_iota(jnp.int32, visible.shape, axis)
+    last = jnp.max(jnp.where(visible, idx, -1), axis=axis)
+    first = jnp.min(jnp.where(visible, idx, n), axis=axis)
+    return jnp.where(last >= 0, first, 0), last
+
+
+def _clamp(x, lo, hi):
+    """``x`` clamped into ``[lo, hi]``; an empty range (hi < lo) gives lo."""
+    return jnp.minimum(jnp.maximum(x, lo), jnp.maximum(hi, lo))
+
+
+def _block_runs(cfg: _Config, meta: _BlockMeta, b, i, j):
+    """In-kernel: whether q block i and kv block j of batch row b share a visible pair."""
+    r, c = b * cfg.nq + i, b * cfg.nk + j
+    in_band = (meta.row_lo[r] <= j) & (j <= meta.row_hi[r])
+    ids_meet = (meta.q_min[r] <= meta.kv_max[c]) & (meta.kv_min[c] <= meta.q_max[r])
+    return in_band & ids_meet
+
+
+def _block_full(cfg: _Config, meta: _BlockMeta, b, i, j):
+    """In-kernel: whether every pair of the blocks is visible (no element mask needed)."""
+    r, c = b * cfg.nq + i, b * cfg.nk + j
+    one_id = (
+        (meta.q_min[r] == meta.q_max[r])
+        & (meta.kv_min[c] == meta.kv_max[c])
+        & (meta.q_min[r] == meta.kv_min[c])
+    )
+    return _block_full_by_position(cfg, i, j) & one_id
+
+
+def _element_mask(cfg: _Config, i, j, qs_ref, ks_ref):
+    """``[bq, bk]`` visibility inside a block pair (only for blocks that are not full)."""
+    shape = (cfg.bq, cfg.bk)
+    rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, shape, 0)
+    cols = j * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, 1)
+    mask = jnp.ones(shape, bool)
+    if cfg.q_padded:
+        mask = mask & (rows < cfg.q_len)
+    if cfg.kv_padded:
+        mask = mask & (cols < cfg.kv_len)
+    lo, hi = _distance_bounds(cfg)
+    if lo is not None:
+        mask = mask & (rows - cols >= lo)
+    if hi is not None:
+        mask = mask & (rows - cols <= hi)
+    if cfg.segmented:
+        mask = mask & (qs_ref[:, :1] == ks_ref[:1, :])
+    return mask
+
+
+def _when_block_runs(cfg: _Config, meta: _BlockMeta, b, i, j, step):
+    """Runs ``step(masked)`` for a visible block: unmasked when it is full, else masked."""
+    runs = _block_runs(cfg, meta, b, i, j)
+    full = _block_full(cfg, meta, b, i, j)
+    pl.when(runs & full)(lambda: step(False))
+    pl.when(runs & jnp.logical_not(full))(lambda: step(True))
+
+
+def _logits(cfg: _Config, q, k, mask):
+    """``q k^T * scale`` in fp32 ``[bq, bk]``; -inf where masked."""
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = s * jnp.float32(cfg.scale)
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _lanes(col: jax.Array) -> jax.Array:
+    """A ``[rows, 1]`` column broadcast over the 128 lanes of a row-stat buffer."""
+    return jnp.broadcast_to(col, (col.shape[0], NUM_LANES))
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _fwd_kernel(cfg: _Config, *refs):
+    meta, (q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref) = (
+        _BlockMeta(*refs[:8]), refs[8:]
+    )
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def step(masked: bool):
+        mask = _element_mask(cfg, i, j, qs_ref, ks_ref) if masked else None
+        s = _logits(cfg, q_ref[...], k_ref[...], mask)
+        m_prev, l_prev = m_ref[:, :1], l_ref[:, :1]
+        m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
+        # A row that has seen nothing yet keeps m = -inf: shift by 0 so exp gives zeros.
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - shift)
+        rescale = jnp.exp(m_prev - shift)
+        l_ref[...] = _lanes(l_prev * rescale + p.sum(axis=1, keepdims=True))
+        m_ref[...] = _lanes(m_new)
+        pv = lax.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+        acc_ref[...] = acc_ref[...] * rescale + pv
+
+    _when_block_runs(cfg, meta, b, i, j, step)
+
+    @pl.when(j == cfg.nk - 1)
+    def _finish():
+        l = l_ref[:, :1]
+        seen = l > 0
+        l_safe = jnp.where(seen, l, 1.0)
+        o_ref[...] = (acc_ref[...] / l_safe).astype(o_ref.dtype)
+        lse_ref[...] = _lanes(jnp.where(seen, m_ref[:, :1] + jnp.log(l_safe), -jnp.inf))
+
+
+def _forward(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
+    """q ``[b, H, Tq, d]``, k/v ``[b, K, Tk, d]`` (padded) → out (q dtype), lse ``[b, H, Tq]``."""
+    batch, heads, tq, d = q.shape
+    g = cfg.groups
+
+    def kv_block(b, h, i, j, *m):
+        meta = _BlockMeta(*m)
+        r = b * cfg.nq + i
+        return _clamp(j, meta.row_lo[r], meta.row_hi[r])
+
+    q_spec = pl.BlockSpec((None, None, cfg.bq, d), lambda b, h, i, j, *m: (b, h, i, 0))
+    kv_spec = pl.BlockSpec(
+        (None, None, cfg.bk, d), lambda b, h, i, j, *m: (b, h // g, kv_block(b, h, i, j, *m), 0)
+    )
+    in_specs = [q_spec, kv_spec, kv_spec] + _segment_specs(
+        cfg,
+        q_index=lambda b, h, i, j, *m: (b, i, 0),
+        kv_index=lambda b, h, i, j, *m: (b, 0, kv_block(b, h, i, j, *m)),
+    )
+    lse_spec = pl.BlockSpec((None, None, cfg.bq, NUM_LANES), lambda b, h, i, j, *m: (b, h, i, 0))
+    out, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(meta),
+            grid=(batch, heads, cfg.nq, cfg.nk),
+            in_specs=in_specs,
+            out_specs=[q_spec, lse_spec],
+            scratch_shapes=[
+                pltpu.VMEM((cfg.bq, d), jnp.float32),
+                pltpu.VMEM((cfg.bq, NUM_LANES), jnp.float32),
+                pltpu.VMEM((cfg.bq, NUM_LANES), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((batch, heads, tq, NUM_LANES), jnp.float32),
+        ],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        interpret=cfg.interpret,
+        name="t5x_like_flash_fwd",
+    )(*meta, q, k, v, qs, ks)
+    return out, lse[..., 0]
+
+
+def _segment_specs(cfg: _Config, q_index, kv_index) -> list:
+    """BlockSpecs of the lane-broadcast q ids ``[b, Tq, 128]`` and sublane-broadcast kv
+    ids ``[b, 8, Tk]`` (None, None without segment ids)."""
+    if not cfg.segmented:
+        return [None, None]
+    return [
+        pl.BlockSpec((None, cfg.bq, NUM_LANES), q_index),
+        pl.BlockSpec((None, NUM_SUBLANES, cfg.bk), kv_index),
+    ]
+
+
+# ------------------------------------------------------------------ backward
+
+
+def _probabilities(cfg: _Config, q, k, lse, mask):
+    """Block probabilities recomputed from the saved logsumexp (masked entries: exp(-inf) = 0)."""
+    return jnp.exp(_logits(cfg, q, k, mask) - lse)
+
+
+def _dq_kernel(cfg: _Config, *refs):
+    meta = _BlockMeta(*refs[:8])
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, acc_ref = refs[8:]
+    b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def step(masked: bool):
+        mask = _element_mask(cfg, i, j, qs_ref, ks_ref) if masked else None
+        k = k_ref[...]
+        p = _probabilities(cfg, q_ref[...], k, lse_ref[:, :1], mask)
+        dp = lax.dot_general(
+            do_ref[...], v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        ds = p * (dp - delta_ref[:, :1]) * jnp.float32(cfg.scale)
+        acc_ref[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+    _when_block_runs(cfg, meta, b, i, j, step)
+
+    @pl.when(j == cfg.nk - 1)
+    def _finish():
+        dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
+
+
+def _dkv_kernel(cfg: _Config, *refs):
+    meta = _BlockMeta(*refs[:8])
+    (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
+     dk_ref, dv_ref, dk_acc, dv_acc) = refs[8:]
+    b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+
+    @pl.when((g == 0) & (i == 0))
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    def step(masked: bool):
+        mask = _element_mask(cfg, i, j, qs_ref, ks_ref) if masked else None
+        q, do = q_ref[...], do_ref[...]
+        p = _probabilities(cfg, q, k_ref[...], lse_ref[:, :1], mask)
+        dv_acc[...] += lax.dot_general(
+            p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        dp = lax.dot_general(
+            do, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        ds = p * (dp - delta_ref[:, :1]) * jnp.float32(cfg.scale)
+        dk_acc[...] += lax.dot_general(
+            ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    _when_block_runs(cfg, meta, b, i, j, step)
+
+    @pl.when((g == cfg.groups - 1) & (i == cfg.nq - 1))
+    def _finish():
+        dk_ref[...] = dk_acc[...].astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _backward_dq(cfg: _Config, q, k, v, do, lse, delta, qs, ks, meta: _BlockMeta):
+    batch, heads, _, d = q.shape
+    g = cfg.groups
+
+    def kv_block(b, h, i, j, *m):
+        meta = _BlockMeta(*m)
+        r = b * cfg.nq + i
+        return _clamp(j, meta.row_lo[r], meta.row_hi[r])
+
+    q_spec = pl.BlockSpec((None, None, cfg.bq, d), lambda b, h, i, j, *m: (b, h, i, 0))
+    kv_spec = pl.BlockSpec(
+        (None, None, cfg.bk, d), lambda b, h, i, j, *m: (b, h // g, kv_block(b, h, i, j, *m), 0)
+    )
+    row_spec = pl.BlockSpec((None, None, cfg.bq, NUM_LANES), lambda b, h, i, j, *m: (b, h, i, 0))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + _segment_specs(
+        cfg,
+        q_index=lambda b, h, i, j, *m: (b, i, 0),
+        kv_index=lambda b, h, i, j, *m: (b, 0, kv_block(b, h, i, j, *m)),
+    )
+    return pl.pallas_call(
+        functools.partial(_dq_kernel, cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(meta),
+            grid=(batch, heads, cfg.nq, cfg.nk),
+            in_specs=in_specs,
+            out_specs=q_spec,
+            scratch_shapes=[pltpu.VMEM((cfg.bq, d), jnp.float32)],
+        ),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        interpret=cfg.interpret,
+        name="t5x_like_flash_dq",
+    )(*meta, q, k, v, do, lse, delta, qs, ks)
+
+
+def _backward_dkv(cfg: _Config, q, k, v, do, lse, delta, qs, ks, meta: _BlockMeta):
+    batch, kv_heads, _, d = k.shape
+    g = cfg.groups
+
+    def q_block(b, kh, j, gi, i, *m):
+        meta = _BlockMeta(*m)
+        c = b * cfg.nk + j
+        return _clamp(i, meta.col_lo[c], meta.col_hi[c])
+
+    def q_index(b, kh, j, gi, i, *m):
+        return (b, kh * g + gi, q_block(b, kh, j, gi, i, *m), 0)
+
+    q_spec = pl.BlockSpec((None, None, cfg.bq, d), q_index)
+    row_spec = pl.BlockSpec((None, None, cfg.bq, NUM_LANES), q_index)
+    kv_spec = pl.BlockSpec((None, None, cfg.bk, d), lambda b, kh, j, gi, i, *m: (b, kh, j, 0))
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + _segment_specs(
+        cfg,
+        q_index=lambda b, kh, j, gi, i, *m: (b, q_block(b, kh, j, gi, i, *m), 0),
+        kv_index=lambda b, kh, j, gi, i, *m: (b, 0, j),
+    )
+    return pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(meta),
+            grid=(batch, kv_heads, cfg.nk, g, cfg.nq),
+            in_specs=in_specs,
+            out_specs=[kv_spec, kv_spec],
+            scratch_shapes=[
+                pltpu.VMEM((cfg.bk, d), jnp.float32),
+                pltpu.VMEM((cfg.bk, d), jnp.float32),
+            ],
+        ),
+        out_shape=[
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+        ),
+        interpret=cfg.interpret,
+        name="t5x_like_flash_dkv",
+    )(*meta, q, k, v, do, lse, delta, qs, ks)
+
+
+# ------------------------------------------------------------------ custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
+    return _forward(cfg, q, k, v, qs, ks, meta)[0]
+
+
+def _flash_fwd(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
+    out, lse = _forward(cfg, q, k, v, qs, ks, meta)
+    return out, (q, k, v, qs, ks, meta, out, lse)
+
+
+def _flash_bwd(cfg: _Config, residuals, d_out):
+    q, k, v, qs, ks, meta, out, lse = residuals
+    # delta_i = sum_d dO_i O_i, the softmax Jacobian's row term; rows that saw nothing
+    # have lse = -inf and every logit -inf, so shifting by 0 gives p = 0 there.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    lse_lanes, delta_lanes = (
+        jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES)) for x in (lse, delta)
+    )
+    args = (q, k, v, d_out.astype(q.dtype), lse_lanes, delta_lanes, qs, ks, meta)
+    dq = _backward_dq(cfg, *args)
+    dk, dv = _backward_dkv(cfg, *args)
+    return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+@attention.register("pallas_tpu")
+def pallas_tpu_attention(
+    q, k, v, q_segment_ids, kv_segment_ids, spec: attention.AttentionSpec, *, interpret
+):
+    """The ``attention.Backend`` for TPUs (and CPU with ``interpret=True``)."""
+    platform = jax.default_backend()
+    if platform != "tpu" and not interpret:
+        raise ValueError(
+            f"implementation='pallas_tpu' compiles only for TPUs (jax's default backend is "
+            f"{platform!r}); pass interpret=True to run it in the Pallas interpreter"
+        )
+    bq, bk = _block_sizes(spec, on_tpu=platform == "tpu" and not interpret)
+    cfg = _Config(
+        causal=spec.causal, window=spec.sliding_window, scale=spec.scale,
+        q_len=spec.q_len, kv_len=spec.kv_len, bq=bq, bk=bk, groups=spec.groups,
+        segmented=q_segment_ids is not None, interpret=bool(interpret),
+    )
+    q_pad, kv_pad = cfg.nq * bq - spec.q_len, cfg.nk * bk - spec.kv_len
+    qt, kt, vt = (_heads_major(x, pad) for x, pad in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
+    qs = ks = None
+    if cfg.segmented:
+        qs = _edge_pad(q_segment_ids.astype(jnp.int32), q_pad)
+        ks = _edge_pad(kv_segment_ids.astype(jnp.int32), kv_pad)
+    meta = _block_meta(cfg, spec.batch, qs, ks)
+    if cfg.segmented:
+        qs = jnp.broadcast_to(qs[:, :, None], (*qs.shape, NUM_LANES))
+        ks = jnp.broadcast_to(ks[:, None, :], (ks.shape[0], NUM_SUBLANES, ks.shape[1]))
+    out = _flash(cfg, qt, kt, vt, qs, ks, meta)
+    return out.transpose(0, 2, 1, 3)[:, : spec.q_len]
+
+
+def _heads_major(x: jax.Array, pad: int) -> jax.Array:
+    """``[b, T, H, d]`` → ``[b, H, T + pad, d]`` (zeros in the padding)."""
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    return x.transpose(0, 2, 1, 3)
+
+
+def _edge_pad(ids: jax.Array, pad: int) -> jax.Array:
+    """Pads ids with their last value, so per-block id ranges stay those of real tokens."""
+    return jnp.pad(ids, ((0, 0), (0, pad)), mode="edge") if pad else ids
+
+
+__all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "pallas_tpu_attention"]
