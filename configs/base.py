@@ -82,6 +82,12 @@ def get_config() -> ml_collections.ConfigDict:
         stop_after=0,  # > 0: save and stop after this many steps (a later run resumes)
         export=False,  # write the final model as a Hugging Face directory (LoRA merged)
     )
+    # t5x_like.stages: num > 0 makes the run a recipe of num LM stages, each from the last;
+    # stage i: data.length * length_factor**i tokens a row, RoPE base
+    # model.rope_theta * rope_theta_factor**i; steps > 0 replaces train.steps per stage;
+    # constant_tokens divides train.batch_size by length_factor**i.
+    c.stages = _section(num=0, length_factor=2, rope_theta_factor=4.0, steps=0,
+                        constant_tokens=False)
     c.eval = _section(
         every=0,  # steps between evaluations (0: only before and after training)
         before=True,  # also evaluate the initial model

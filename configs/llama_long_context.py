@@ -1,12 +1,16 @@
-"""Continued pre-training of a Llama-2-7B-shaped decoder to 32K context. Arg: full | tiny.
+"""Continued pre-training of a Llama-2-7B-shaped decoder from 4K to 32K context. Arg: full | tiny.
 
     python -m t5x_like.train --config=configs/llama_long_context.py --workdir=runs/llama_32k \
         --config.model.pretrained=/models/Llama-2-7b-hf --config.data.path=/data/long_docs/
 
-The recipe (one stage; the long-context issue chains stages): RoPE base raised
-from 10K to 500K (adjusted base frequency), packed rows of 32K tokens with
-document masking and per-document positions, chunked cross-entropy, full remat,
-bf16 compute, learning rate 2e-5 with 20 warmup steps, 64 rows a step.
+The recipe, three stages in one command (``t5x_like.stages``), each from the last one's
+export: rows of 8K, 16K, then 32K tokens, the RoPE base multiplied by 4 for every doubling
+of the context (adjusted base frequency: 10K at Llama-2's 4K, so 40K, 160K, 640K), the
+same tokens a step throughout (64 rows of 8K, 32 of 16K, 16 of 32K), 1000 steps a
+stage. Packed rows with document masking and per-document positions, chunked
+cross-entropy, full remat, bf16 compute, learning rate 2e-5 with 20 warmup steps.
+Context parallelism: ``--config.mesh.sequence=N --config.model.attention=ring`` shards
+each row over N devices (ring attention) on top of fsdp.
 """
 
 from configs import base
@@ -20,13 +24,16 @@ def get_config(variant: str = "full"):
     c.model.attention = "chunked"
     c.model.remat_policy = "full"
     c.model.scan_layers = True
-    c.model.rope_theta = 500_000.0
-    c.model.max_position_embeddings = 32_768
+    c.model.rope_theta = 40_000.0  # stage 0; x4 per stage
+    c.stages.num = 3
+    c.stages.length_factor = 2
+    c.stages.rope_theta_factor = 4.0
+    c.stages.constant_tokens = True
     c.mesh.fsdp = -1
     c.mesh.data = 1
     c.lm.loss_chunk_size = 2048
     c.data.format = "text"
-    c.data.length = 32_768
+    c.data.length = 8192  # stage 0; doubled per stage
     c.optimizer.learning_rate = 2e-5
     c.optimizer.warmup_steps = 20
     c.optimizer.decay = "constant"
@@ -42,15 +49,16 @@ def get_config(variant: str = "full"):
             num_kv_heads=2, head_dim=16, mlp_dim=128, max_position_embeddings=256)
         c.model.tokenizer = "tokenizers/llama2.model"
         c.model.dtype = "float32"
-        c.model.max_position_embeddings = 512
+        c.model.rope_theta = 10_000.0
+        c.stages.num = 2
         c.model.scan_layers = False
         c.mesh.fsdp = 1
         c.mesh.data = -1
         c.data.path = "text/gutenberg"
         c.data.split_paragraphs = True
-        c.data.length = 256
+        c.data.length = 128  # then 256
         c.lm.loss_chunk_size = 64
-        c.train.batch_size = 8
+        c.train.batch_size = 16  # then 8
         c.train.steps = 3
         c.train.log_every = 1
         c.train.checkpoint_every = 2

@@ -259,9 +259,17 @@ def perplexity_hook(cfg, task, trainer, vocab) -> EvalHook:
 
 
 def train(cfg, workdir: str | Path) -> dict:
-    """Runs (or resumes) the experiment; returns the final metrics and evaluations."""
+    """Runs (or resumes) the experiment; returns the final metrics and evaluations.
+
+    A staged config (``stages.num > 0``) runs every stage (``t5x_like.stages``) and
+    returns ``{"stages": {stage name: its results}}``.
+    """
     from t5x_like.data import builders
 
+    if cfg.stages.num > 0:
+        from t5x_like.stages import run_stages
+
+        return {"stages": run_stages(cfg, workdir)}
     check_config(cfg)
     cfg = cfg.copy_and_resolve_references()
     cfg.data.path = str(resolve_path(cfg.data.path, "data.path"))
@@ -369,7 +377,11 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax / bm25s chatter
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("t5x_like").setLevel(logging.INFO)
-    print_results(train(config, workdir))
+    results = train(config, workdir)
+    for name, stage_results in results.get("stages", {}).items():
+        print(f"\n{name}:")
+        print_results(stage_results)
+    print_results(results)
 
 
 if __name__ == "__main__":
