@@ -343,6 +343,9 @@ def _lazy_backend(name: str, module: str) -> Backend:
 for _name, _module in _PALLAS_MODULES.items():
     register(_name)(_lazy_backend(_name, _module))
 
+# Ring attention (context parallelism over the `sequence` mesh axis) imports this module.
+register("ring")(_lazy_backend("ring", "t5x_like.kernels.ring"))
+
 
 @register("pallas")
 def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):

@@ -192,8 +192,11 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
         q = with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        k = with_logical_constraint(k, ("batch", "kv_length", "kv_heads", "head_dim"))
-        v = with_logical_constraint(v, ("batch", "kv_length", "kv_heads", "head_dim"))
+        # Keys / values are whole along length (`kv_length`), except for ring attention,
+        # which passes them around the `sequence` axis in the layout of the queries.
+        kv_length = "length" if self.implementation == "ring" and kv_cache is None else "kv_length"
+        k = with_logical_constraint(k, ("batch", kv_length, "kv_heads", "head_dim"))
+        v = with_logical_constraint(v, ("batch", kv_length, "kv_heads", "head_dim"))
         window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
         new_cache = None
         if kv_cache is not None:
