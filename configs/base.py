@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora = _section(enabled=False, rank=16, alpha=32.0, targets=DEFAULT_TARGETS)
     c.data = _section(
         format="beir",  # beir (path = a BEIR directory, split) | pairs (JSONL) | text (LM)
+        # | instructions (LM: JSONL of {"input", "target"}, loss on targets; t5x_like.synthesis)
         path="",
         split="train",
         num_negatives=0,

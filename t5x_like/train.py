@@ -242,6 +242,7 @@ def perplexity_hook(cfg, task, trainer, vocab) -> EvalHook:
     e = cfg.eval
     section = cfg.data.copy_and_resolve_references()
     section.path = str(resolve_path(e.lm_path, "eval.lm_path"))
+    section.format = "text"  # eval.lm_path is text even when training on instruction JSONL
     batches = builders.lm_batches(section, vocab, cfg.train.batch_size, trainer.mesh,
                                   seed=cfg.seed, name="eval_lm")
     fixed = [next(batches) for _ in range(e.lm_batches)]

@@ -64,7 +64,18 @@ def contrastive_batches(cfg, vocab, global_batch_size: int, mesh=None, *, seed: 
 
 def lm_batches(cfg, vocab, global_batch_size: int, mesh=None, *, seed: int = 0,
                name: str = "train_lm") -> pipeline.GlobalBatches:
-    """Text files (``cfg.path``: a file or a directory of .txt) packed into ``cfg.length`` rows."""
+    """Text files (``cfg.path``: a file or a directory of .txt) packed into ``cfg.length`` rows.
+
+    ``cfg.format == "instructions"``: ``cfg.path`` is a JSONL of ``{"input", "target"}``
+    examples (``t5x_like.synthesis`` output) packed the same way, loss on targets only.
+    """
+    if cfg.get("format") == "instructions":
+        examples = sources.read_instruction_examples(cfg.path, on_bad_record=cfg.on_bad_record)
+        tasks.add_instruction_task(name, examples, vocab, length=cfg.length)
+        log.info("%s: %d instruction examples (longer than %d tokens are dropped)", name,
+                 len(examples), cfg.length)
+        return pipeline.global_batches(name, converters.LMConverter(pad_id=vocab.pad_id),
+                                       {"targets": cfg.length}, global_batch_size, mesh, seed=seed)
     documents = [text for _, text in sources.read_text_documents(cfg.path)]
     if cfg.split_paragraphs:
         documents = [p for d in documents for p in d.split("\n\n") if p.strip()]

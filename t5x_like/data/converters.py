@@ -9,7 +9,9 @@ features only, and contrastive passages are ``[1 + negatives, length]``.
   ``teacher_scores`` ``[1 + n_neg]`` when the task has them.
 * ``LMConverter``: documents packed into rows of ``length`` with
   ``segment_ids`` (1, 2, ... per document, 0 for padding), ``positions``
-  restarting at 0 at every document, and ``loss_weights``.
+  restarting at 0 at every document, and ``loss_weights`` (1 on every real token;
+  for instruction tasks, whose examples carry a per-token ``loss_mask``, 1 only
+  on the answer tokens).
 """
 
 from __future__ import annotations
@@ -77,7 +79,15 @@ class LMConverter:
 
     def __call__(self, ds: tf.data.Dataset, task_feature_lengths: dict[str, int]) -> tf.data.Dataset:
         length = task_feature_lengths["targets"]
-        ds = ds.map(lambda ex: {"targets": tf.cast(ex["targets"][:length], tf.int32)})
+        # Instruction tasks: a 0/1 mask per target token; plain documents train on every token.
+        masked = "loss_mask" in ds.element_spec
+
+        def cut(ex):
+            targets = tf.cast(ex["targets"][:length], tf.int32)
+            mask = ex["loss_mask"][:length] if masked else tf.ones_like(targets)
+            return {"targets": targets, "loss_mask": tf.cast(mask, tf.float32)}
+
+        ds = ds.map(cut)
         if self.pack:
             ds = _pack(ds, length, self.window, self.pad_id)
         else:
@@ -85,6 +95,7 @@ class LMConverter:
                 "tokens": ex["targets"],
                 "segment_ids": tf.ones_like(ex["targets"]),
                 "positions": tf.range(tf.size(ex["targets"]), dtype=tf.int32),
+                "loss_mask": ex["loss_mask"],
             })
 
         def fn(ex):
@@ -97,25 +108,29 @@ class LMConverter:
                 "tokens": fixed(ex["tokens"], self.pad_id),
                 "segment_ids": segments,
                 "positions": fixed(ex["positions"]),
-                "loss_weights": tf.cast(segments > 0, tf.float32),
+                "loss_weights": tf.cast(segments > 0, tf.float32) * fixed(ex["loss_mask"]),
             }
 
         return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _pack(ds: tf.data.Dataset, length: int, window: int, pad_id: int) -> tf.data.Dataset:
-    ds = ds.map(lambda ex: {"ids": ex["targets"], "n": tf.size(ex["targets"])})
-    ds = ds.padded_batch(window, padded_shapes={"ids": [length], "n": []},
-                         padding_values={"ids": pad_id, "n": 0})
+    ds = ds.map(lambda ex: {"ids": ex["targets"], "w": ex["loss_mask"], "n": tf.size(ex["targets"])})
+    ds = ds.padded_batch(window, padded_shapes={"ids": [length], "w": [length], "n": []},
+                         padding_values={"ids": pad_id, "w": 0.0, "n": 0})
 
-    def pack_window(ids, n):
-        rows = packing.pack([ids[i, :n[i]] for i in range(len(n)) if n[i] > 0], length, pad_id)
-        return rows["tokens"], rows["segment_ids"], rows["positions"]
+    def pack_window(ids, w, n):
+        keep = [i for i in range(len(n)) if n[i] > 0]
+        rows = packing.pack([ids[i, :n[i]] for i in keep], length, pad_id,
+                            weights=[w[i, :n[i]] for i in keep])
+        return rows["tokens"], rows["segment_ids"], rows["positions"], rows["loss_weights"]
 
     def rows(batch):
-        tokens, segments, positions = tf.numpy_function(
-            pack_window, [batch["ids"], batch["n"]], [tf.int32] * 3, stateful=False)
-        row = {"tokens": tokens, "segment_ids": segments, "positions": positions}
+        tokens, segments, positions, weights = tf.numpy_function(
+            pack_window, [batch["ids"], batch["w"], batch["n"]], [tf.int32] * 3 + [tf.float32],
+            stateful=False)
+        row = {"tokens": tokens, "segment_ids": segments, "positions": positions,
+               "loss_mask": weights}
         return tf.data.Dataset.from_tensor_slices(
             {k: tf.ensure_shape(v, [None, length]) for k, v in row.items()})
 

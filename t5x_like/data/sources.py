@@ -6,6 +6,8 @@
   "instruction"?, "scores"?}``.
 * Plain text: files or directories of ``.txt`` (Gutenberg books stripped of
   their header and licence).
+* Instruction examples (``t5x_like.synthesis`` output): JSONL ``{"id"?,
+  "input", "target", ...}``, trained with the loss on ``target`` only.
 
 Every malformed record is an error naming file and line, or, with
 ``on_bad_record="skip"``, skipped and counted in one warning per file.
@@ -257,6 +259,33 @@ def read_text_documents(path: str | Path, gutenberg: bool | None = None) -> list
         if not raw.strip():
             raise BadRecord(f"{f}: empty text")
         out.append((f.name, raw))
+    return out
+
+
+# --------------------------------------------------------- instruction examples
+
+
+def read_instruction_examples(path: str | Path, on_bad_record: str = "error") -> list[dict[str, str]]:
+    """``{"id", "input", "target"}`` per line of a JSONL file (other fields ignored).
+
+    ``input`` is what the model reads (it may be empty: a long-output example's
+    instruction can be all of it); ``target`` must be non-empty, since it is the
+    only part the loss sees. A missing ``id`` becomes ``"line-N"``.
+    """
+    path = Path(path)
+    skipper = _Skipper(path, on_bad_record)
+    out = []
+    for number, record in _json_lines(path, skipper):
+        if not isinstance(record.get("input"), str):
+            skipper.bad(number, "missing string field 'input'")
+        elif not _nonempty_str(record, "target"):
+            skipper.bad(number, "field 'target' is missing, empty or not a string")
+        else:
+            out.append({"id": str(record.get("id", f"line-{number}")), "input": record["input"],
+                        "target": record["target"]})
+    skipper.report()
+    if not out:
+        raise BadRecord(f"{path}: no usable records")
     return out
 
 

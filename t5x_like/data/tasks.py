@@ -1,8 +1,9 @@
 """seqio Tasks and Mixtures: contrastive (query, positive, negatives) and LM documents.
 
-``add_contrastive_task`` and ``add_lm_task`` register ``seqio.Task``s whose
-source is built in Python from the readers in ``sources`` (BEIR, JSONL pairs,
-text files) or is a TFDS dataset; ``add_mixture`` and ``add_length_mixture``
+``add_contrastive_task``, ``add_lm_task`` and ``add_instruction_task`` register
+``seqio.Task``s whose source is built in Python from the readers in ``sources``
+(BEIR, JSONL pairs, text files, synthesized instruction examples) or is a TFDS
+dataset; ``add_mixture`` and ``add_length_mixture``
 register ``seqio.Mixture``s. ``get_dataset(name, ...)`` returns the
 preprocessed, tokenized examples; ``converters`` turns them into model
 features.
@@ -240,6 +241,50 @@ def add_lm_task(name: str, source: seqio.DataSource | Sequence[str], vocab, *,
                                                            dtype=tf.int32, rank=0, required=False),
                       },
                       preprocessors=preprocessors, shuffle_buffer_size=shuffle_buffer_size)
+    _replace(name)
+    seqio.TaskRegistry.add_provider(name, task)
+    return task
+
+
+def add_instruction_task(name: str, examples: Sequence[dict[str, str]], vocab, *, length: int,
+                         split: str = "train", add_eos: bool = True,
+                         shuffle_buffer_size: int = 1024) -> seqio.Task:
+    """Registers a seqio Task of (input, target) pairs trained with the loss on the target only.
+
+    ``examples``: ``{"input", "target"}`` dicts (``sources.read_instruction_examples``).
+    Each becomes ``targets`` = BOS + input ids + target ids + EOS (as the vocabulary
+    defines them) and ``loss_mask`` = 0 over BOS and the input, 1 over the target and
+    EOS; ``converters.LMConverter`` packs both and multiplies the mask into
+    ``loss_weights``. Input and target are tokenized separately, so the boundary is
+    exact. An example longer than ``length`` is dropped rather than cut: a cut would
+    lose the answer or the context it depends on.
+    """
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"task {name!r}: no examples")
+    prefix, suffix = _special_tokens(vocab, append_eos=add_eos)
+    columns = {"input": [e["input"] for e in examples], "target": [e["target"] for e in examples]}
+
+    def join(ex):
+        head = tf.concat([tf.constant(prefix, tf.int32), ex["input"]], 0)
+        tail = tf.concat([ex["target"], tf.constant(suffix, tf.int32)], 0)
+        return {"targets": tf.concat([head, tail], 0),
+                "loss_mask": tf.concat([tf.zeros_like(head), tf.ones_like(tail)], 0)}
+
+    task = seqio.Task(
+        name,
+        source=_function_source(lambda: tf.data.Dataset.from_tensor_slices(columns), split),
+        output_features={
+            "targets": seqio.Feature(vocab, add_eos=False),
+            "loss_mask": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
+                                       dtype=tf.int32, required=False),
+        },
+        preprocessors=[
+            functools.partial(prep.tokenize, vocabularies={"input": vocab, "target": vocab}),
+            lambda ds: ds.map(join),
+            lambda ds: ds.filter(lambda ex: tf.size(ex["targets"]) <= length),
+        ],
+        shuffle_buffer_size=max(1, min(len(examples), shuffle_buffer_size)))
     _replace(name)
     seqio.TaskRegistry.add_provider(name, task)
     return task
