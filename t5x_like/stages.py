@@ -59,7 +59,10 @@ def stage_configs(cfg: ml_collections.ConfigDict, workdir: str | Path
 
 
 def finished(stage_dir: Path) -> bool:
-    return (stage_dir / "results.json").is_file() and (stage_dir / "export" / "config.json").is_file()
+    """Whether a stage ran all its steps and exported (a stopped one has results, no export)."""
+    results = stage_dir / "results.json"
+    return (results.is_file() and json.loads(results.read_text()).get("completed", False)
+            and (stage_dir / "export" / "config.json").is_file())
 
 
 def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
@@ -82,5 +85,9 @@ def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         print(f"\n=== stage {i + 1}/{len(stages)}: {c.data.length} tokens a row, RoPE base "
               f"{c.model.rope_theta:g}, {c.train.steps} steps of {c.train.batch_size} rows ===")
         results[name] = train(c, stage_dir)
+        if not results[name]["completed"]:
+            print(f"stage {i} ({name}) stopped before its last step; run the same command "
+                  "again to resume it and the stages after it")
+            break
     (Path(workdir) / "stages.json").write_text(json.dumps(results, indent=2))
     return results

@@ -336,11 +336,14 @@ def train(cfg, workdir: str | Path) -> dict:
         watcher.close()
         writer.close()
         ckpt.close()
-    if int(jax.device_get(state.step)) == steps and hooks:
+    # Preempted or stopped early (train.stop_after): no "after" and no export, which
+    # would pass a half-trained model off as the result; running again resumes.
+    results["completed"] = int(jax.device_get(state.step)) == steps
+    if results["completed"] and hooks:
         results["after"] = {k: float(v) for h in hooks for k, v in h.last.items()}
     if jax.process_index() == 0 and (workdir / "metrics.jsonl").exists():
         plot_curves(workdir / "metrics.jsonl", workdir / "loss.png")
-    if cfg.train.export:
+    if cfg.train.export and results["completed"]:
         export_model(task, state, model_config, tok_dir, workdir / "export")
     (workdir / "results.json").write_text(json.dumps(results, indent=2))
     return results

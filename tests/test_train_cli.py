@@ -98,9 +98,13 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(devices, tmp_path)
     spec = "configs/e5_finetune.py:tiny"
     overrides = {"model.config.dropout_rate": 0.1, "train.checkpoint_every": 100}
     train.train(load(spec, **overrides), tmp_path / "straight")
-    train.train(load(spec, **overrides, **{"train.stop_after": 2}), tmp_path / "split")
+    stopped = train.train(load(spec, **overrides, **{"train.stop_after": 2, "train.export": True}),
+                          tmp_path / "split")
     assert checkpoints.Checkpointer(tmp_path / "split" / "checkpoints").all_steps() == [2]
-    train.train(load(spec, **overrides), tmp_path / "split")
+    # a stopped run is not passed off as finished: no "after", no export
+    assert not stopped["completed"] and "after" not in stopped
+    assert not (tmp_path / "split" / "export").exists()
+    assert train.train(load(spec, **overrides), tmp_path / "split")["completed"]
     for a, b in zip(final_params(tmp_path / "straight"), final_params(tmp_path / "split")):
         np.testing.assert_array_equal(a, b)
     straight = [r["loss"] for r in read_jsonl(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
