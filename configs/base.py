@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
         seed=0,
         length=2048,  # LM rows
         split_paragraphs=False,  # LM: blank-line paragraphs as documents
+        long_fraction=0.0,  # LM: > 0 draws documents >= long_threshold tokens at this rate
+        long_threshold=0,  # tokens (0: length)
+        instructions_path="",  # LM: a synthesis JSONL mixed in at instructions_rate
+        instructions_rate=0.0,
     )
     # t5x_like.trainer.OptimizerConfig
     c.optimizer = _section(learning_rate=1e-4, warmup_steps=0, decay="linear", end_factor=0.0,

@@ -369,6 +369,44 @@ def test_training_config_reads_instruction_jsonl(tmp_path, llama_tokenizer):
         assert trained.startswith("Answer") and "Question" not in trained
 
 
+def test_text_and_instructions_mix_in_one_stream(tmp_path, llama_tokenizer):
+    """The long-context mix: Gutenberg text (every token trains) with synthesis examples
+    (targets only) at ``instructions_rate``, long documents at ``long_fraction``."""
+    import ml_collections
+    import numpy as np
+
+    from t5x_like.data import builders
+    from t5x_like.data.vocab import sentencepiece_vocabulary
+
+    path = tmp_path / "mix.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "input": f"Question {i}?",
+                                        "target": f"Answer {i}."}) + "\n" for i in range(40)))
+    section = ml_collections.ConfigDict(dict(
+        format="text", path=str(paths.shared_data("text/gutenberg")), split_paragraphs=True,
+        length=128, on_bad_record="error", long_fraction=0.5, long_threshold=64,
+        instructions_path=str(path), instructions_rate=0.5))
+    vocab = sentencepiece_vocabulary(llama_tokenizer)
+    batches = builders.lm_batches(section, vocab, 8, seed=1)
+    kinds = {"text": 0, "instruction": 0}
+    for _ in range(4):
+        batch = next(batches)
+        for tok, seg, w in zip(batch["tokens"], batch["segment_ids"], batch["loss_weights"]):
+            for s in set(seg[seg > 0].tolist()):
+                weights, tokens = w[seg == s], tok[seg == s]
+                if weights.all():  # text: every token trains
+                    kinds["text"] += 1
+                else:  # an instruction: BOS + input untrained, then the trained answer
+                    kinds["instruction"] += 1
+                    first = int(np.argmax(weights > 0))
+                    assert weights[first:].all() and not weights[:first].any()
+                    assert vocab.decode(tokens[first:].tolist()).startswith("Answer")
+                    assert vocab.decode(tokens[:first].tolist()).startswith("Question")
+    assert kinds["text"] > 0 and kinds["instruction"] > 0
+    with pytest.raises(ValueError, match="data.instructions_rate"):
+        section.instructions_rate = 1.0
+        builders.lm_batches(section, vocab, 8)
+
+
 def test_packing_carries_weights_with_their_tokens():
     from t5x_like.data import packing
 

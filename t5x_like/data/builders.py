@@ -68,17 +68,44 @@ def lm_batches(cfg, vocab, global_batch_size: int, mesh=None, *, seed: int = 0,
 
     ``cfg.format == "instructions"``: ``cfg.path`` is a JSONL of ``{"input", "target"}``
     examples (``t5x_like.synthesis`` output) packed the same way, loss on targets only.
+    The long-context mix: ``cfg.long_fraction > 0`` draws documents of at least
+    ``cfg.long_threshold`` tokens (default: a row) at that rate, shorter ones at the rest;
+    ``cfg.instructions_path`` adds such a JSONL at ``cfg.instructions_rate``. Text trains
+    on every token, instructions on their targets only (weights per token, one mean).
     """
     if cfg.get("format") == "instructions":
-        examples = sources.read_instruction_examples(cfg.path, on_bad_record=cfg.on_bad_record)
-        tasks.add_instruction_task(name, examples, vocab, length=cfg.length)
-        log.info("%s: %d instruction examples (longer than %d tokens are dropped)", name,
-                 len(examples), cfg.length)
-        return pipeline.global_batches(name, converters.LMConverter(pad_id=vocab.pad_id),
-                                       {"targets": cfg.length}, global_batch_size, mesh, seed=seed)
+        mixture = [(_instruction_task(f"{name}_instructions", cfg.path, cfg, vocab), 1.0)]
+    else:
+        mixture = [(_text_task(f"{name}_text", cfg, vocab), 1.0)]
+        if cfg.get("instructions_path"):
+            rate = cfg.instructions_rate
+            if not 0 < rate < 1:
+                raise ValueError(f"data.instructions_rate={rate} must be in (0, 1) with "
+                                 "data.instructions_path")
+            mixture = [(mixture[0][0], 1 - rate),
+                       (_instruction_task(f"{name}_instructions", cfg.instructions_path, cfg,
+                                          vocab), rate)]
+    source = mixture[0][0] if len(mixture) == 1 else tasks.add_mixture(name, mixture).name
+    return pipeline.global_batches(source, converters.LMConverter(pad_id=vocab.pad_id),
+                                   {"targets": cfg.length}, global_batch_size, mesh, seed=seed)
+
+
+def _text_task(name: str, cfg, vocab) -> str:
     documents = [text for _, text in sources.read_text_documents(cfg.path)]
     if cfg.split_paragraphs:
         documents = [p for d in documents for p in d.split("\n\n") if p.strip()]
-    tasks.add_lm_task(name, documents, vocab, chunk_length=cfg.length)
-    return pipeline.global_batches(name, converters.LMConverter(pad_id=vocab.pad_id),
-                                   {"targets": cfg.length}, global_batch_size, mesh, seed=seed)
+    long_fraction = cfg.get("long_fraction", 0.0)
+    if long_fraction:
+        tasks.add_length_mixture(name, documents, vocab, chunk_length=cfg.length,
+                                 threshold=cfg.long_threshold or cfg.length, long_rate=long_fraction)
+    else:
+        tasks.add_lm_task(name, documents, vocab, chunk_length=cfg.length)
+    return name
+
+
+def _instruction_task(name: str, path, cfg, vocab) -> str:
+    examples = sources.read_instruction_examples(path, on_bad_record=cfg.on_bad_record)
+    tasks.add_instruction_task(name, examples, vocab, length=cfg.length)
+    log.info("%s: %d instruction examples (longer than %d tokens are dropped)", name,
+             len(examples), cfg.length)
+    return name

@@ -233,17 +233,23 @@ def add_lm_task(name: str, source: seqio.DataSource | Sequence[str], vocab, *,
         preprocessors.append(functools.partial(prep.filter_by_length, key="targets",
                                                min_tokens=min_tokens, max_tokens=max_tokens))
     preprocessors.append(functools.partial(prep.chunk, key="targets", length=chunk_length))
-    task = seqio.Task(name, source=source,
-                      output_features={
-                          "targets": seqio.Feature(vocab, add_eos=False),
-                          # Kept through mixtures (which drop undeclared features).
-                          "document_tokens": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
-                                                           dtype=tf.int32, rank=0, required=False),
-                      },
+    # Every token trains; the mask makes these examples mix with instruction tasks.
+    preprocessors.append(lambda ds: ds.map(lambda ex: {**ex, "loss_mask": tf.ones_like(ex["targets"])}))
+    task = seqio.Task(name, source=source, output_features=_lm_features(vocab),
                       preprocessors=preprocessors, shuffle_buffer_size=shuffle_buffer_size)
     _replace(name)
     seqio.TaskRegistry.add_provider(name, task)
     return task
+
+
+def _lm_features(vocab) -> dict[str, seqio.Feature]:
+    """What LM and instruction tasks both give, so one mixture can hold both kinds."""
+    def side(rank):  # kept through mixtures, which drop undeclared features
+        return seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False, dtype=tf.int32,
+                             rank=rank, required=False)
+
+    return {"targets": seqio.Feature(vocab, add_eos=False), "document_tokens": side(0),
+            "loss_mask": side(1)}
 
 
 def add_instruction_task(name: str, examples: Sequence[dict[str, str]], vocab, *, length: int,
@@ -268,17 +274,14 @@ def add_instruction_task(name: str, examples: Sequence[dict[str, str]], vocab, *
     def join(ex):
         head = tf.concat([tf.constant(prefix, tf.int32), ex["input"]], 0)
         tail = tf.concat([ex["target"], tf.constant(suffix, tf.int32)], 0)
-        return {"targets": tf.concat([head, tail], 0),
+        targets = tf.concat([head, tail], 0)
+        return {"targets": targets, "document_tokens": tf.size(targets),
                 "loss_mask": tf.concat([tf.zeros_like(head), tf.ones_like(tail)], 0)}
 
     task = seqio.Task(
         name,
         source=_function_source(lambda: tf.data.Dataset.from_tensor_slices(columns), split),
-        output_features={
-            "targets": seqio.Feature(vocab, add_eos=False),
-            "loss_mask": seqio.Feature(seqio.PassThroughVocabulary(1), add_eos=False,
-                                       dtype=tf.int32, required=False),
-        },
+        output_features=_lm_features(vocab),
         preprocessors=[
             functools.partial(prep.tokenize, vocabularies={"input": vocab, "target": vocab}),
             lambda ds: ds.map(join),
