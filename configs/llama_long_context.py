@@ -9,8 +9,9 @@ of the context (adjusted base frequency: 10K at Llama-2's 4K, so 40K, 160K, 640K
 same tokens a step throughout (64 rows of 8K, 32 of 16K, 16 of 32K), 1000 steps a
 stage. Packed rows with document masking and per-document positions, chunked
 cross-entropy, full remat, bf16 compute, learning rate 2e-5 with 20 warmup steps.
-Context parallelism: ``--config.mesh.sequence=N --config.model.attention=ring`` shards
-each row over N devices (ring attention) on top of fsdp.
+Context parallelism: ``--config.mesh.sequence=N`` splits every row over N devices with
+ring attention (``model.attention="ring"``, which is the chunked kernel when the sequence
+axis has one device), on top of fsdp over the rest.
 """
 
 from configs import base
@@ -21,7 +22,7 @@ def get_config(variant: str = "full"):
     c.task = "lm"
     c.model.pretrained = "meta-llama/Llama-2-7b-hf"
     c.model.dtype = "bfloat16"
-    c.model.attention = "chunked"
+    c.model.attention = "ring"
     c.model.remat_policy = "full"
     c.model.scan_layers = True
     c.model.rope_theta = 40_000.0  # stage 0; x4 per stage
