@@ -470,7 +470,10 @@ def packaged_gguf(module: str) -> Path | None:
     Found through the package's import spec, without importing it: such
     packages are plugins whose ``__init__`` imports their runtime (llama.cpp).
     """
-    spec = importlib.util.find_spec(module)
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # "a.b" with no package "a"; an empty name
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     for directory in spec.submodule_search_locations:
