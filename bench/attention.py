@@ -47,10 +47,21 @@ def segment_ids(mode: str, batch: int, length: int) -> np.ndarray | None:
     raise ValueError(f"unknown mode {mode!r}")
 
 
+def runs_here(name: str) -> bool:
+    """Whether a backend runs compiled on this platform (interpreted Pallas is not timed;
+    ring attention needs a sequence mesh and is the chunked kernel without one)."""
+    backend = jax.default_backend()
+    if name == "cudnn":
+        return backend == "gpu"
+    if name == "pallas":  # the platform's kernel (pallas_tpu / pallas_gpu: the same row)
+        return backend == "tpu" or (backend == "gpu" and "pallas_gpu" in attention.IMPLEMENTATIONS)
+    return name not in ("ring", "pallas_tpu", "pallas_gpu")
+
+
 def implementations() -> dict[str, callable]:
     impls = {}
     for name in attention.IMPLEMENTATIONS:
-        if name == "cudnn" and jax.default_backend() != "gpu":
+        if not runs_here(name):
             continue
         impls[name] = lambda q, k, v, causal, seg, name=name: attention.dot_product_attention(
             q, k, v, causal=causal, segment_ids=seg, implementation=name
