@@ -352,22 +352,8 @@ def _fwd_kernel(cfg: _Config, *refs):
 def _forward(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
     """q ``[b, H, Tq, d]``, k/v ``[b, K, Tk, d]`` (padded) → out (q dtype), lse ``[b, H, Tq]``."""
     batch, heads, tq, d = q.shape
-    g = cfg.groups
-
-    def kv_block(b, h, i, j, *m):
-        meta = _BlockMeta(*m)
-        r = b * cfg.nq + i
-        return _clamp(j, meta.row_lo[r], meta.row_hi[r])
-
-    q_spec = pl.BlockSpec((None, None, cfg.bq, d), lambda b, h, i, j, *m: (b, h, i, 0))
-    kv_spec = pl.BlockSpec(
-        (None, None, cfg.bk, d), lambda b, h, i, j, *m: (b, h // g, kv_block(b, h, i, j, *m), 0)
-    )
-    in_specs = [q_spec, kv_spec, kv_spec] + _segment_specs(
-        cfg,
-        q_index=lambda b, h, i, j, *m: (b, i, 0),
-        kv_index=lambda b, h, i, j, *m: (b, 0, kv_block(b, h, i, j, *m)),
-    )
+    q_spec, kv_spec, segment_specs = _query_major_specs(cfg, d)
+    in_specs = [q_spec, kv_spec, kv_spec] + segment_specs
     lse_spec = pl.BlockSpec((None, None, cfg.bq, NUM_LANES), lambda b, h, i, j, *m: (b, h, i, 0))
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg),
@@ -393,6 +379,29 @@ def _forward(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
         name="t5x_like_flash_fwd",
     )(*meta, q, k, v, qs, ks)
     return out, lse[..., 0]
+
+
+def _query_major_specs(cfg: _Config, d: int):
+    """``(q, k/v, segment-id specs)`` of the grid (batch, heads, q block i, kv block j) that
+    the forward and dq kernels share: GQA through ``h // groups``, and the kv block index
+    clamped to the row's visible range so a skipped step re-asks for a loaded block."""
+
+    def kv_block(b, h, i, j, *m):
+        meta = _BlockMeta(*m)
+        r = b * cfg.nq + i
+        return _clamp(j, meta.row_lo[r], meta.row_hi[r])
+
+    q_spec = pl.BlockSpec((None, None, cfg.bq, d), lambda b, h, i, j, *m: (b, h, i, 0))
+    kv_spec = pl.BlockSpec(
+        (None, None, cfg.bk, d),
+        lambda b, h, i, j, *m: (b, h // cfg.groups, kv_block(b, h, i, j, *m), 0),
+    )
+    segment_specs = _segment_specs(
+        cfg,
+        q_index=lambda b, h, i, j, *m: (b, i, 0),
+        kv_index=lambda b, h, i, j, *m: (b, 0, kv_block(b, h, i, j, *m)),
+    )
+    return q_spec, kv_spec, segment_specs
 
 
 def _segment_specs(cfg: _Config, q_index, kv_index) -> list:
@@ -476,23 +485,9 @@ def _dkv_kernel(cfg: _Config, *refs):
 
 def _backward_dq(cfg: _Config, q, k, v, do, lse, delta, qs, ks, meta: _BlockMeta):
     batch, heads, _, d = q.shape
-    g = cfg.groups
-
-    def kv_block(b, h, i, j, *m):
-        meta = _BlockMeta(*m)
-        r = b * cfg.nq + i
-        return _clamp(j, meta.row_lo[r], meta.row_hi[r])
-
-    q_spec = pl.BlockSpec((None, None, cfg.bq, d), lambda b, h, i, j, *m: (b, h, i, 0))
-    kv_spec = pl.BlockSpec(
-        (None, None, cfg.bk, d), lambda b, h, i, j, *m: (b, h // g, kv_block(b, h, i, j, *m), 0)
-    )
+    q_spec, kv_spec, segment_specs = _query_major_specs(cfg, d)
     row_spec = pl.BlockSpec((None, None, cfg.bq, NUM_LANES), lambda b, h, i, j, *m: (b, h, i, 0))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + _segment_specs(
-        cfg,
-        q_index=lambda b, h, i, j, *m: (b, i, 0),
-        kv_index=lambda b, h, i, j, *m: (b, 0, kv_block(b, h, i, j, *m)),
-    )
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + segment_specs
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg),
         grid_spec=pltpu.PrefetchScalarGridSpec(
