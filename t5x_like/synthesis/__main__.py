@@ -8,16 +8,16 @@ loads. Re-running the same command resumes the output file.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 from absl import app, flags
 
-from t5x_like import config_cli, paths
+from t5x_like import config_cli
 from t5x_like.synthesis.lm import HTTPLM, LocalLM, tokenizer_counter
 from t5x_like.synthesis.retrieval import BM25Retriever, DenseRetriever, load_documents
 from t5x_like.synthesis.workflow import Settings, Workflow
+from t5x_like.train import from_section, resolve_path
 
 log = logging.getLogger(__name__)
 
@@ -27,33 +27,6 @@ def define_flags() -> None:
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "ml-collections config file[:arg].")
-
-
-def resolve(value: str, field: str) -> Path:
-    """Absolute / cwd-relative paths as given, else under the shared data directory."""
-    if not value:
-        raise ValueError(f"config.{field} is empty")
-    path = Path(value).expanduser()
-    if path.exists() or path.is_absolute():
-        if not path.exists():
-            raise FileNotFoundError(f"config.{field}={value!r}: {path} does not exist")
-        return path
-    try:
-        return paths.shared_data(value)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"config.{field}={value!r}: no such path here, and {e}") from None
-
-
-def settings_from(section) -> Settings:
-    values = dict(section)
-    valid = {f.name for f in dataclasses.fields(Settings)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(f"config.synthesis: unknown field(s) {unknown}; valid: {sorted(valid)}")
-    try:
-        return Settings(**values)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config.synthesis: {e}") from None
 
 
 def check_config(cfg) -> dict:
@@ -66,23 +39,23 @@ def check_config(cfg) -> dict:
     parent = next((p for p in output.absolute().parents if p.exists()), None)
     if parent is None or not parent.is_dir():
         raise NotADirectoryError(f"config.output={cfg.output!r}: {parent} is not a directory")
-    found = {"output": output, "data.path": resolve(cfg.data.path, "data.path")}
+    found = {"output": output, "data.path": resolve_path(cfg.data.path, "data.path")}
     if cfg.lm.kind == "local":
-        found["lm.model"] = resolve(cfg.lm.model, "lm.model")
+        found["lm.model"] = resolve_path(cfg.lm.model, "lm.model")
     elif cfg.lm.kind == "http":
         if not cfg.lm.url or not cfg.lm.name:
             raise ValueError("config.lm.kind='http' needs config.lm.url and config.lm.name")
         if cfg.lm.window < 1:
             raise ValueError("config.lm.kind='http' needs config.lm.window (the served context)")
         if cfg.lm.tokenizer:
-            found["lm.tokenizer"] = resolve(cfg.lm.tokenizer, "lm.tokenizer")
+            found["lm.tokenizer"] = resolve_path(cfg.lm.tokenizer, "lm.tokenizer")
     else:
         raise ValueError(f"config.lm.kind={cfg.lm.kind!r} is not one of ('local', 'http')")
     if cfg.retriever.kind == "dense":
-        found["retriever.model"] = resolve(cfg.retriever.model, "retriever.model")
+        found["retriever.model"] = resolve_path(cfg.retriever.model, "retriever.model")
     elif cfg.retriever.kind != "bm25":
         raise ValueError(f"config.retriever.kind={cfg.retriever.kind!r} is not one of ('bm25', 'dense')")
-    settings_from(cfg.synthesis)
+    from_section(Settings, cfg.synthesis, "synthesis")
     return found
 
 
@@ -116,7 +89,7 @@ def build_retriever(cfg, found: dict, documents: dict[str, str]):
 def run(cfg):
     """The whole command on a resolved config: returns the run's counters."""
     found = check_config(cfg)
-    settings = settings_from(cfg.synthesis)
+    settings = from_section(Settings, cfg.synthesis, "synthesis")
     documents = load_documents(found["data.path"], max_documents=cfg.data.max_documents,
                                on_bad_record=cfg.data.on_bad_record)
     workflow = Workflow(build_lm(cfg, found), None, documents, settings)
