@@ -79,7 +79,7 @@ def train_tokenizer(train_dir: pathlib.Path, out: pathlib.Path, vocab_size: int 
 def train_step(spec: str, workdir: pathlib.Path, **overrides) -> pathlib.Path:
     """Runs (or resumes, or skips when finished) one config; returns its final export."""
     from t5x_like import train
-    from t5x_like.stages import finished
+    from t5x_like.stages import finished, stage_configs
 
     cfg = config_cli.load_config_file(spec)
     for dotted, value in overrides.items():
@@ -92,8 +92,7 @@ def train_step(spec: str, workdir: pathlib.Path, **overrides) -> pathlib.Path:
     if len(runs) < cfg.stages.num or not all(r["completed"] for r in runs):
         sys.exit(f"{workdir} stopped before the end; run the same command again to resume")
     if "stages" in results:
-        last = sorted(workdir.glob("stage*_*"), key=lambda p: int(p.name.split("_")[1]))[-1]
-        return last / "export"
+        return stage_configs(cfg, workdir)[-1][0] / "export"
     return workdir / "export"
 
 

@@ -24,25 +24,36 @@ def filter_false_negatives(candidates: dict[str, list[str]],
     return out
 
 
+class BM25Index:
+    """BM25 (``bm25s``, Lucene scoring) over texts: words lower-cased, English stopwords
+    dropped (no stemming); k1 = 0.9, b = 0.4 are Anserini's defaults for BEIR-style retrieval."""
+
+    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4,
+                 show_progress: bool = False):
+        import bm25s
+
+        self._bm25s, self._show = bm25s, show_progress
+        self.size = len(texts)
+        self.index = bm25s.BM25(k1=k1, b=b)
+        self.index.index(bm25s.tokenize(texts, stopwords="en", show_progress=show_progress),
+                         show_progress=show_progress)
+
+    def search(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(indices, scores)`` ``[len(queries), min(k, size)]``, best first. A query of
+        stopwords only scores 0 everywhere (its ids are then arbitrary)."""
+        tokens = self._bm25s.tokenize(queries, stopwords="en", show_progress=self._show)
+        hits, scores = self.index.retrieve(tokens, k=min(k, self.size), show_progress=self._show)
+        return np.asarray(hits), np.asarray(scores)
+
+
 def bm25_retrieve(data: BeirData, query_ids: list[str], k: int, k1: float = 0.9, b: float = 0.4,
                   show_progress: bool = False) -> dict[str, list[tuple[str, float]]]:
-    """BM25 (``bm25s``, Lucene scoring) over ``data.passage``: each query's top ``k``
-    ``(doc id, score)``, best first.
-
-    Words are lower-cased and English stopwords dropped (no stemming). k1 = 0.9,
-    b = 0.4 are Anserini's defaults for BEIR-style retrieval.
-    """
-    import bm25s
-
+    """BM25 (``BM25Index``) over ``data.passage``: each query's top ``k`` ``(doc id, score)``,
+    best first."""
     doc_ids = list(data.corpus)
-    corpus_tokens = bm25s.tokenize([data.passage(d) for d in doc_ids], stopwords="en",
-                                   show_progress=show_progress)
-    index = bm25s.BM25(k1=k1, b=b)
-    index.index(corpus_tokens, show_progress=show_progress)
-    query_tokens = bm25s.tokenize([data.queries[q] for q in query_ids], stopwords="en",
-                                  show_progress=show_progress)
-    hits, scores = index.retrieve(query_tokens, k=min(k, len(doc_ids)), show_progress=show_progress)
-    return {q: [(doc_ids[i], float(s)) for i, s in zip(np.asarray(row), np.asarray(row_scores))]
+    index = BM25Index([data.passage(d) for d in doc_ids], k1, b, show_progress)
+    hits, scores = index.search([data.queries[q] for q in query_ids], k)
+    return {q: [(doc_ids[i], float(s)) for i, s in zip(row, row_scores)]
             for q, row, row_scores in zip(query_ids, hits, scores)}
 
 

@@ -86,9 +86,10 @@ def build_retriever(cfg, found: dict, documents: dict[str, str]):
                           instruction=c.instruction or None, batch_size=c.batch_size)
 
 
-def run(cfg):
-    """The whole command on a resolved config: returns the run's counters."""
-    found = check_config(cfg)
+def run(cfg, found: dict | None = None):
+    """The whole command on a config (``found``: its ``check_config`` paths, when already
+    checked); returns the run's counters."""
+    found = found or check_config(cfg)
     settings = from_section(Settings, cfg.synthesis, "synthesis")
     documents = load_documents(found["data.path"], max_documents=cfg.data.max_documents,
                                on_bad_record=cfg.data.on_bad_record)
@@ -107,10 +108,10 @@ def main(argv):
     logging.getLogger().setLevel(logging.WARNING)
     logging.getLogger("t5x_like").setLevel(logging.INFO)
     try:  # configuration mistakes read as usage errors; failures later keep their traceback
-        check_config(flags.FLAGS.config)
+        found = check_config(flags.FLAGS.config)
     except (ValueError, OSError) as e:
         raise app.UsageError(str(e)) from None
-    run(flags.FLAGS.config)
+    run(flags.FLAGS.config, found)
 
 
 if __name__ == "__main__":

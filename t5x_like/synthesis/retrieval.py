@@ -53,22 +53,17 @@ class BM25Retriever:
     """Lucene-style BM25 over the documents (lower-cased words, English stopwords dropped)."""
 
     def __init__(self, documents: dict[str, str], k1: float = 0.9, b: float = 0.4):
-        import bm25s
+        from t5x_like.data.mining import BM25Index
 
-        self._bm25s = bm25s
         self.ids = list(documents)
-        self.index = bm25s.BM25(k1=k1, b=b)
-        self.index.index(bm25s.tokenize(list(documents.values()), stopwords="en",
-                                        show_progress=False), show_progress=False)
+        self.index = BM25Index(list(documents.values()), k1, b)
 
     def retrieve(self, queries: Sequence[str], k: int) -> list[list[str]]:
         if not queries:
             return []
-        k = min(k, len(self.ids))
-        tokens = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
-        # A query of stopwords only has no tokens; bm25s then returns arbitrary zero-score ids.
-        hits, _ = self.index.retrieve(tokens, k=k, show_progress=False)
-        return [[self.ids[i] for i in np.asarray(row)] for row in hits]
+        # A query of stopwords only scores 0 everywhere; its ids are then arbitrary.
+        hits, _ = self.index.search(list(queries), k)
+        return [[self.ids[i] for i in row] for row in hits]
 
 
 class DenseRetriever:
