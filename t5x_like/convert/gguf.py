@@ -417,10 +417,8 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, tokenizer: bool = 
             tok_dir = Path(tmp)
             tokenizer_from_gguf(file).save(str(tok_dir / "tokenizer.json"))
             _write_json(tok_dir / "tokenizer_config.json", tokenizer_config_from_gguf(file))
-        hf.save_hf(config, params, out_dir, tokenizer_dir=tok_dir)
-    ids = _special_token_ids(file.meta)
-    written = json.loads((out_dir / "config.json").read_text())
-    _write_json(out_dir / "config.json", {**written, **ids})
+        ids = _special_token_ids(file.meta)
+        hf.save_hf(config, params, out_dir, tokenizer_dir=tok_dir, extra_config=ids)
     _write_json(out_dir / "generation_config.json", ids)
     return out_dir
 

@@ -423,15 +423,17 @@ def save_hf(
     *,
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    extra_config: dict | None = None,
 ) -> Path:
     """Writes config.json and safetensors weights (sharded above ``max_shard_bytes``).
 
-    ``tokenizer_dir``: copy its tokenizer files alongside. Files are written to a
-    temporary directory first and moved in, so a failed save leaves ``path`` as it was.
+    ``tokenizer_dir``: copy its tokenizer files alongside. ``extra_config``: more
+    config.json keys (e.g. special-token ids). Files are written to a temporary
+    directory first and moved in, so a failed save leaves ``path`` as it was.
     """
     path = Path(path)
     state = state_dict_from_params(config, params)
-    hf_config = config_to_hf(config)
+    hf_config = {**config_to_hf(config), **(extra_config or {})}
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as tmp:
         tmp = Path(tmp)
