@@ -36,8 +36,10 @@ import numpy as np
 
 from absl import app, flags
 
+from t5x_like.models.embedder import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX
+
 STYLES = ("e5", "e5-instruct", "none")
-E5_PREFIXES = {"query": "query: ", "document": "passage: ", None: "query: "}
+E5_PREFIXES = {"query": E5_QUERY_PREFIX, "document": E5_PASSAGE_PREFIX, None: E5_QUERY_PREFIX}
 
 
 @dataclasses.dataclass
