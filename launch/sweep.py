@@ -10,8 +10,8 @@ Examples (from the repository root):
   # print one command a point (pipe into a job array, GNU parallel or xargs)
   python launch/sweep.py --config=configs/minilm_scifact.py --root=runs/sweep1 \\
       --grid optimizer.learning_rate=1e-5,3e-5,1e-4 --grid train.batch_size=32,64 \\
-      --set train.steps=30
-  python launch/sweep.py ... | xargs -P 2 -I{} sh -c {}
+      --set train.epochs=0 --set train.steps=30   # (train.epochs > 0 would override steps)
+  python launch/sweep.py ... | xargs -d '\\n' -P 2 -I{} sh -c {}
 
   # run the points here, one after another; a second call skips finished points
   python launch/sweep.py --sweep=configs/sweeps/minilm_lr.py --root=runs/minilm_lr --mode=local
@@ -277,6 +277,9 @@ def build_sweep(args: argparse.Namespace) -> Sweep:
         raw, file_config, fixed = load_sweep_file(args.sweep)
     elif args.grid:
         raw = grid_points(parse_grid(args.grid))
+    if not raw:
+        raise SweepError(f"--sweep={args.sweep}: get_sweep() gave no points (an empty list, "
+                         "or a grid field with no values)")
     config = args.config or file_config
     if not config:
         raise SweepError("give --config=FILE[:ARG] (or CONFIG in the sweep file)")

@@ -20,6 +20,8 @@ sweep = sys.modules["launch_sweep"] = importlib.util.module_from_spec(_spec)  # 
 _spec.loader.exec_module(sweep)
 
 TINY = "configs/e5_finetune.py:tiny"
+# ml_collections loads config files with the deprecated importlib load_module
+pytestmark = pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +159,10 @@ def test_bad_sweep_files_say_what_to_return(tmp_path):
     scalar.write_text("def get_sweep():\n    return {'seed': 1}\n")
     with pytest.raises(sweep.SweepError, match=r"\['seed'\] do not"):
         build(f"--sweep={scalar}", f"--config={TINY}", f"--root={tmp_path}")
+    empty = tmp_path / "empty.py"
+    empty.write_text("def get_sweep():\n    return {'seed': [0, 1], 'data.seed': []}\n")
+    with pytest.raises(sweep.SweepError, match="gave no points"):
+        build(f"--sweep={empty}", f"--config={TINY}", f"--root={tmp_path}")
 
 
 # --------------------------------------------------------------------- gather
