@@ -176,7 +176,7 @@ def check_field_names(config: str, fields: list[str]) -> None:
 
     try:
         config_cli.check_overrides(["sweep", f"--config={config}", *[f"--config.{f}=" for f in fields]])
-    except app.UsageError as e:
+    except (app.UsageError, ValueError) as e:  # ValueError: get_config's own (e.g. a bad ARG)
         raise SweepError(str(e)) from None
 
 

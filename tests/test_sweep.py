@@ -150,7 +150,9 @@ def test_bad_sweeps_fail_before_anything_runs_naming_the_field(tmp_path, capsys,
     assert not root.exists()  # nothing written, nothing run
 
 
-def test_bad_sweep_files_say_what_to_return(tmp_path):
+def test_bad_sweep_files_and_configs_say_what_to_change(tmp_path):
+    with pytest.raises(sweep.SweepError, match="choose one of"):  # the config's own error
+        build("--config=configs/e5_finetune.py:huge", f"--root={tmp_path}", "--grid", "seed=1")
     missing = tmp_path / "none.py"
     missing.write_text("POINTS = []\n")
     with pytest.raises(sweep.SweepError, match="define get_sweep"):
