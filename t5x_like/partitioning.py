@@ -21,7 +21,6 @@ import contextvars
 import dataclasses
 import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -131,75 +130,6 @@ def describe_mesh(mesh: Mesh) -> str:
     axes = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
     kind = mesh.devices.flat[0].device_kind
     return f"Mesh({axes}) over {mesh.devices.size} x {kind}"
-
-
-# -------------------------------------------------------------- multi-process set-up
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """How this process joins a multi-process job (empty fields: single process).
-
-    ``auto=True`` lets jax discover the cluster (Cloud TPU, SLURM, Open MPI).
-    """
-
-    coordinator_address: str = ""
-    num_processes: int = 1
-    process_id: int = 0
-    auto: bool = False
-    cpu_collectives: str = "gloo"
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any] | Any) -> "DistributedConfig":
-        items = dict(config.items()) if hasattr(config, "items") else dict(vars(config))
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(items) - valid)
-        if unknown:
-            raise ValueError(
-                f"distributed config has unknown field(s) {unknown}; valid: {sorted(valid)}"
-            )
-        return cls(**items)
-
-
-def initialize_distributed(config: Mapping[str, Any] | DistributedConfig | None) -> bool:
-    """Calls ``jax.distributed.initialize`` when configured; returns whether it did.
-
-    Must run before anything touches a device. On CPU the cross-process
-    collectives need an implementation (gloo), set here before initialisation.
-    """
-    if config is None:
-        return False
-    cfg = config if isinstance(config, DistributedConfig) else DistributedConfig.from_config(config)
-    if not cfg.auto and cfg.num_processes <= 1 and not cfg.coordinator_address:
-        return False
-    if cfg.cpu_collectives and _platform_hint() == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
-    if cfg.auto:
-        jax.distributed.initialize()
-    else:
-        if not cfg.coordinator_address:
-            raise ValueError(
-                f"distributed.num_processes={cfg.num_processes} needs "
-                "distributed.coordinator_address (host:port of process 0)"
-            )
-        if not 0 <= cfg.process_id < cfg.num_processes:
-            raise ValueError(
-                f"distributed.process_id={cfg.process_id} is outside "
-                f"[0, num_processes={cfg.num_processes})"
-            )
-        jax.distributed.initialize(
-            coordinator_address=cfg.coordinator_address,
-            num_processes=cfg.num_processes,
-            process_id=cfg.process_id,
-        )
-    log.info("joined %d processes as process %d", jax.process_count(), jax.process_index())
-    return True
-
-
-def _platform_hint() -> str:
-    """The platform jax will pick, read without initialising a backend."""
-    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
-    return platforms.split(",")[0] if platforms else "cpu"
 
 
 # ---------------------------------------------------------------- logical rules

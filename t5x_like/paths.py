@@ -1,9 +1,14 @@
-"""Where the shared, read-only data lives (never copied into the repository)."""
+"""Where the shared, read-only data lives (never copied into the repository), and
+writing files so that a reader never sees half of one."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pathlib
+import tempfile
+from pathlib import Path
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 ENV_VAR = "T5X_LIKE_SHARED_DATA"
@@ -23,3 +28,24 @@ def shared_data(relative: str) -> pathlib.Path:
             f"(../shared/data) or point ${ENV_VAR} at a directory holding {relative!r}."
         )
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = ".tmp"):
+    """Yields a temporary path beside ``path``; renamed onto it only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, which holds the old or the new file, never half."""
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))

@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import ml_collections
+
+from t5x_like import paths
 
 
 def stage_configs(cfg: ml_collections.ConfigDict, workdir: str | Path
@@ -89,5 +92,6 @@ def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             print(f"stage {i} ({name}) stopped before its last step; run the same command "
                   "again to resume it and the stages after it")
             break
-    (Path(workdir) / "stages.json").write_text(json.dumps(results, indent=2))
+    if jax.process_index() == 0:
+        paths.write_json_atomic(Path(workdir) / "stages.json", results)
     return results

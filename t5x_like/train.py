@@ -24,7 +24,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from t5x_like import checkpoints, config_cli, paths
+from t5x_like import checkpoints, config_cli, distributed, paths
 from t5x_like import partitioning as part
 from t5x_like.metrics import MetricsWriter, plot_curves
 from t5x_like.models.decoder import DecoderConfig
@@ -238,6 +238,16 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict
     if e.bm25:
         baseline = retrieval.evaluate(qrels, beir.bm25_run(data, query_ids, k=e.k), k_values=(10, 100))
 
+    if jax.process_count() > 1:
+        # Each process evaluates alone on its first local device (no collectives to
+        # hang on); only process 0 writes the embedding cache.
+        sharded_export, local = export, jax.local_devices()[0]
+
+        def export(params):
+            return jax.device_put(to_host(sharded_export(params)), local)
+
+        cache = cache if jax.process_index() == 0 else None
+
     def evaluate(state):
         embedder.params = export(state.params)
         run = beir.dense_run(embedder, data, query_ids, k=e.k, batch_size=e.batch_size,
@@ -282,6 +292,8 @@ def train(cfg, workdir: str | Path) -> dict:
     """
     from t5x_like.data import builders
 
+    # Before anything touches a device; every later stage finds the job joined.
+    distributed.initialize(cfg.get("distributed"))
     if cfg.stages.num > 0:
         from t5x_like.stages import run_stages
 
@@ -293,7 +305,7 @@ def train(cfg, workdir: str | Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = json.loads(cfg.to_json_best_effort())
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
+        paths.write_json_atomic(workdir / "config.json", resolved)
 
     model_config, host_params, model_dir = load_model(cfg)
     task = build_task(cfg, model_config, default_pooling(cfg, model_config, model_dir))
@@ -360,21 +372,38 @@ def train(cfg, workdir: str | Path) -> dict:
         plot_curves(workdir / "metrics.jsonl", workdir / "loss.png")
     if cfg.train.export and results["completed"]:
         export_model(task, state, model_config, tok_dir, workdir / "export")
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    if jax.process_index() == 0:
+        paths.write_json_atomic(workdir / "results.json", results)
     return results
 
 
+def to_host(tree):
+    """Numpy copies of every array in ``tree``, whole on every process (a multi-process
+    array's other shards live on other hosts, which a plain device_get cannot read)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def export_model(task, state, model_config, tok_dir, out: Path) -> None:
+    """Every process gathers the parameters; process 0 writes the directory."""
     from t5x_like.convert import hf
 
-    params = jax.device_get(jax.jit(task.export_params)(state.params))
-    with tempfile.TemporaryDirectory() as tmp:
-        if tok_dir.is_file():  # a bare tokenizer file: give it the name transformers looks for
-            name = "tokenizer.model" if tok_dir.suffix == ".model" else "tokenizer.json"
-            shutil.copy(tok_dir, Path(tmp) / name)
-            tok_dir = Path(tmp)
-        hf.save_hf(model_config, params, out, tokenizer_dir=tok_dir)
-    print(f"exported the trained model to {out}")
+    params = to_host(jax.jit(task.export_params)(state.params))
+    if jax.process_index() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            if tok_dir.is_file():  # a bare tokenizer file: the name transformers looks for
+                name = "tokenizer.model" if tok_dir.suffix == ".model" else "tokenizer.json"
+                shutil.copy(tok_dir, Path(tmp) / name)
+                tok_dir = Path(tmp)
+            hf.save_hf(model_config, params, out, tokenizer_dir=tok_dir)
+        print(f"exported the trained model to {out}")
+    if jax.process_count() > 1:  # the next stage of a recipe loads it on every process
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"export {out}")
 
 
 def print_results(results: dict) -> None:

@@ -91,15 +91,6 @@ def test_shard_batch_splits_the_leading_axis(devices):
         part.shard_batch(mesh, {"tokens": np.zeros((12, 3))})
 
 
-def test_distributed_config_validation():
-    assert part.initialize_distributed(None) is False
-    assert part.initialize_distributed({}) is False
-    with pytest.raises(ValueError, match="needs distributed.coordinator_address"):
-        part.initialize_distributed({"num_processes": 2})
-    with pytest.raises(ValueError, match="unknown field"):
-        part.initialize_distributed({"num_proc": 2})
-
-
 # ------------------------------------------------- the same layer on 1 and 8 devices
 
 TINY = DecoderConfig(vocab_size=256, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -57,7 +57,7 @@ def contrastive_batches(cfg, vocab, global_batch_size: int, mesh=None, *, seed: 
     batches = pipeline.global_batches(
         name, converters.ContrastiveConverter(pad_id=vocab.pad_id),
         {"query": cfg.query_length, "passages": cfg.passage_length}, global_batch_size, mesh,
-        seed=seed)
+        seed=seed, process_sharding=process_sharding(cfg, default="batch"))
     batches.num_examples = len(examples)  # for epoch-based step counts
     return batches
 
@@ -87,7 +87,20 @@ def lm_batches(cfg, vocab, global_batch_size: int, mesh=None, *, seed: int = 0,
                                           vocab), rate)]
     source = mixture[0][0] if len(mixture) == 1 else tasks.add_mixture(name, mixture).name
     return pipeline.global_batches(source, converters.LMConverter(pad_id=vocab.pad_id),
-                                   {"targets": cfg.length}, global_batch_size, mesh, seed=seed)
+                                   {"targets": cfg.length}, global_batch_size, mesh, seed=seed,
+                                   process_sharding=process_sharding(cfg, default="source"))
+
+
+def process_sharding(cfg, *, default: str) -> str:
+    """``data.process_sharding``, with "auto" meaning ``default``: "batch" for in-memory
+    contrastive sets (tokenized once, then cached), "source" for LM text."""
+    mode = cfg.get("process_sharding", "auto")
+    if mode == "auto":
+        return default
+    if mode not in pipeline.PROCESS_SHARDING:
+        raise ValueError(f"config.data.process_sharding={mode!r} is not one of "
+                         f"{('auto',) + pipeline.PROCESS_SHARDING}")
+    return mode
 
 
 def _text_task(name: str, cfg, vocab) -> str:

@@ -29,11 +29,8 @@ fixed-size chunks so memory is ``chunk_size x shard_size`` scores per device.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -43,6 +40,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from t5x_like.data.sources import read_trec_run  # noqa: F401  (re-exported: runs in, runs out)
+from t5x_like.paths import atomic_path
 
 DEFAULT_K_VALUES = (1, 3, 5, 10, 100, 1000)
 METRICS = ("ndcg", "map", "recall", "precision", "mrr")
@@ -239,21 +237,6 @@ def run_from_topk(query_ids: Sequence[str], doc_ids: Sequence[str], scores: np.n
 
 
 # -------------------------------------------------------------------- run files
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = ".tmp"):
-    """Yields a temporary path beside ``path``; renamed onto it only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def write_trec_run(path: str | Path, run: Run, tag: str) -> None:
