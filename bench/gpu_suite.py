@@ -433,7 +433,7 @@ def main(argv=None):
                     tokens_per_step=256 if small else 32768, steps=2 if small else 5,
                     cbatch=8 if small else 1024, clength=32 if small else 128,
                     cchunks=2 if small else 8, start_length=64 if small else 8192,
-                    max_length=128 if small else 2**20)
+                    max_length=64 if small else 2**20)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
