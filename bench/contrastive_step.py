@@ -273,10 +273,100 @@ def model_and_dir(name: str, workdir: pathlib.Path):
     return config, params, model_dir
 
 
+def median_ms(fn, n: int) -> float:
+    fn()
+    return statistics.median(timed(fn)[1] for _ in range(n)) * 1e3
+
+
+def profile_model(ours: "Ours", theirs: "Theirs", config, args, n: int) -> str:
+    """Where one plain (no caching) step's time goes on each side, and the attention layer alone."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from t5x_like import partitioning as part
+    from t5x_like.kernels.attention import dot_product_attention
+
+    task, batch, b = ours.task, ours.batches[0], theirs.batches[0]
+
+    def encode_both(params, batch, rng):
+        q = task.encode(params, {"tokens": batch["query_tokens"], "mask": batch["query_mask"]}, rng)
+        flat = {"tokens": batch["passage_tokens"][:, 0], "mask": batch["passage_mask"][:, 0]}
+        return q, task.encode(params, flat, rng)
+
+    forward = jax.jit(encode_both)
+    grads = jax.jit(task.sums_and_grads)
+    rng = jax.random.key(1)
+    with jax.set_mesh(ours.mesh), part.axis_rules(ours.trainer.rules):
+        ours_ms = {
+            "step (trainer)": median_ms(lambda: ours.steps(1), n),
+            "forward (queries + passages)": median_ms(
+                lambda: jax.block_until_ready(forward(ours.state.params, batch, rng)), n),
+            "forward + backward (sums_and_grads)": median_ms(
+                lambda: jax.block_until_ready(grads(ours.state.params, batch, rng)), n),
+        }
+    theirs.model.train()
+
+    def fwd_bwd():
+        loss = theirs.loss(b, None)
+        loss.backward()
+
+    def optimizer():
+        torch.nn.utils.clip_grad_norm_(theirs.model.parameters(), 1.0)
+        theirs.optimizer.step()
+
+    def forward_only():
+        with torch.no_grad():
+            for features in b:
+                theirs.model(dict(features))
+
+    theirs_ms = {"step (trainer)": median_ms(lambda: theirs.steps(1), n),
+                 "forward (queries + passages)": median_ms(forward_only, n),
+                 "forward + backward (sums_and_grads)": median_ms(fwd_bwd, n)}
+    fwd_bwd()
+    theirs_ms["optimizer"] = median_ms(optimizer, n)  # clip + AdamW on the gradients just made
+    theirs.optimizer.zero_grad(set_to_none=True)
+    # ours: the step minus its gradients (AdamW, clipping, the non-finite guard); noise can make it ~0
+    ours_ms["optimizer"] = max(ours_ms["step (trainer)"] - ours_ms["forward + backward (sums_and_grads)"], 0.0)
+
+    # One attention layer at the passage shape, forward + backward: ours (the model's backend)
+    # against torch's scaled_dot_product_attention (what BertModel calls).
+    rows, length = args.batch_size, args.passage_length
+    heads, head_dim = config.num_heads, config.embed_dim // config.num_heads
+    rng_np = np.random.default_rng(0)
+    q_np = rng_np.standard_normal((rows, length, heads, head_dim)).astype(np.float32)
+    mask_np = np.asarray(batch["passage_mask"])[:, 0]
+    q, seg = jnp.asarray(q_np), jnp.asarray(mask_np)
+    attn = jax.jit(jax.grad(lambda q: jnp.sum(dot_product_attention(
+        q, q, q, causal=False, segment_ids=seg, implementation=config.attention) ** 2)))
+    tq = torch.from_numpy(q_np).transpose(1, 2).contiguous().requires_grad_()
+    tmask = torch.from_numpy(mask_np).bool()[:, None, None, :]
+
+    def torch_attn():
+        tq.grad = None
+        (torch.nn.functional.scaled_dot_product_attention(tq, tq, tq, attn_mask=tmask) ** 2).sum().backward()
+
+    layers = 2 * config.num_layers  # a query and a passage pass per layer; the passage one dominates
+    ours_attn = median_ms(lambda: attn(q).block_until_ready(), n)
+    theirs_attn = median_ms(torch_attn, n)
+    lines = ["| part (one plain step) | ours ms | theirs ms | ours / theirs |", "|---|---|---|---|"]
+    for key in ours_ms:
+        lines.append(f"| {key} | {ours_ms[key]:.1f} | {theirs_ms[key]:.1f} | "
+                     f"{ours_ms[key] / theirs_ms[key]:.2f} |")
+    lines.append(f"| one attention layer, fwd + bwd, {rows} x {length} tokens ({config.attention} "
+                 f"vs torch SDPA) | {ours_attn:.1f} | {theirs_attn:.1f} | {ours_attn / theirs_attn:.2f} |")
+    lines.append(f"| the same x {config.num_layers} layers (passages only; queries add {layers // 2} "
+                 f"shorter ones) | {ours_attn * config.num_layers:.1f} | "
+                 f"{theirs_attn * config.num_layers:.1f} | |")
+    return "\n".join(lines)
+
+
 def bench_model(name: str, args, pairs, workdir) -> tuple[list[dict], str]:
     import numpy as np
     from transformers import AutoTokenizer
 
+    start = time.perf_counter()
     config, params, model_dir = model_and_dir(name, workdir)
     steps = args.steps or (20 if name == "tiny" else 3)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()))
@@ -317,7 +407,14 @@ def bench_model(name: str, args, pairs, workdir) -> tuple[list[dict], str]:
                          padded=ours_tokens if side == "ours" else peer_tokens))
     n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(params))
     note = (f"{name}: {config.num_layers} x {config.embed_dim} ({n_params / 1e6:.1f}M parameters), "
-            f"{steps} steps a timed run, {real_tokens:.0f} real tokens a step; {check}")
+            f"{steps} steps a timed run, {real_tokens:.0f} real tokens a step; {check}; "
+            f"{time.perf_counter() - start:.0f} s wall")
+    if args.profile:
+        table = profile_model(variants[("ours", "none")], variants[("theirs", "none")], config,
+                              args, n=max(steps // 2, 2))
+        print(table, flush=True)
+        note += f"\n\n  Break-down of {name}'s plain step (`--profile`, medians):\n\n" + "\n".join(
+            "  " + line for line in table.splitlines()) + "\n"
     return rows, note
 
 
@@ -353,6 +450,7 @@ def main(argv=None):
     p.add_argument("--peer-padding", choices=("longest", "fixed"), default="longest",
                    help="the peer's rows padded to the batch's longest (its collator) or as ours")
     p.add_argument("--torch-device", default="cpu")
+    p.add_argument("--profile", action="store_true", help="break each side's plain step down")
     p.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.chunks < 2 or args.batch_size % args.chunks:
@@ -372,10 +470,9 @@ def main(argv=None):
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            start = time.perf_counter()
             model_rows, note = bench_model(name.strip(), args, pairs, pathlib.Path(tmp))
             rows += model_rows
-            notes.append(note + f"; {time.perf_counter() - start:.0f} s wall")
+            notes.append(note)
             print(format_rows(model_rows), flush=True)
     table = format_rows(rows)
     text = (f"{table}\n\nSciFact train pairs, batch {args.batch_size}, query {args.query_length} / "

@@ -8,6 +8,11 @@ the longest row a ~1B decoder trains at. Written to run unchanged on one H100 / 
     python bench/gpu_suite.py --smoke                 # tiny sizes: runs end to end on a CPU
     python bench/gpu_suite.py --record --json $OUT/gpu_suite.json
 
+Where one command may run 10 minutes at most, run the parts (and the mfu lengths) one by one:
+``--parts mfu --lengths 4096``, ``--parts mfu --lengths 32768``, ``--parts contrastive``,
+``--parts longest``; each takes a few minutes on an H100 (a 1B step compiles in about a
+minute). JAX gets 90% of the GPU's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, unless set).
+
 Needs jax and t5x_like only (no TensorFlow, seqio, ml-collections or network: every batch is
 synthetic numpy); sentence-transformers (with torch) for the peer in ``contrastive``, which
 is skipped with a note where it is missing.
@@ -29,9 +34,10 @@ is skipped with a note where it is missing.
   weights written by ``convert.hf.save_hf``, mini-batch = batch / chunks), synthetic token
   ids, alternating runs, examples/s.
 * ``longest``: the row length (doubling from ``--start-length``) at which the 1B decoder
-  still trains one step, for each ``--long-attention`` implementation; the first
-  out-of-memory (at compile, from XLA's memory analysis against the card's memory, or at run
-  time) ends the search.
+  still trains one step (full remat), for each ``--long-attention`` implementation; the first
+  out-of-memory (from XLA's memory analysis against the card's memory, or at run time) ends
+  the search. Lengths whose step would take over ``--max-step-seconds`` are compiled and
+  checked against the memory only, and reported apart ("compiles within memory").
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import pathlib
 import statistics
 import sys
@@ -50,6 +57,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from embed_throughput import ROOT, device_line, record, timed  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+# JAX takes 75% of a GPU's memory up front by default; the longest-row search wants nearly all
+# of it, and the peer (torch, in the contrastive part) the rest. Set the variable to override.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -145,8 +155,24 @@ def lm_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
             "loss_weights": np.ones((rows, length), np.float32)}
 
 
-def decoder_step(model: DecoderConfig, rows: int, length: int, steps: int, loss_chunk: int) -> dict:
-    """Compiles and times the trainer's LM step; raises on failure (out of memory included)."""
+def check_memory(compiled, out: dict) -> None:
+    """XLA's memory analysis of ``compiled`` into ``out``; MemoryError if it exceeds the device's."""
+    memory = compiled.memory_analysis()
+    limit = device_memory()
+    if memory is None:
+        return
+    need = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    out["memory_gib"] = need / 2**30
+    if limit is not None and need > limit:
+        raise MemoryError(f"RESOURCE_EXHAUSTED (XLA's memory analysis): {need / 2**30:.1f} "
+                          f"GiB needed, {limit / 2**30:.1f} GiB on the device")
+
+
+def decoder_step(model: DecoderConfig, rows: int, length: int, steps: int, loss_chunk: int,
+                 run: bool = True) -> dict:
+    """Compiles and times the trainer's LM step; raises on failure (out of memory included).
+    ``run=False`` only compiles it and checks XLA's memory analysis against the device."""
     from t5x_like.train_tasks import LanguageModelTask
     from t5x_like.trainer import OptimizerConfig, Trainer
 
@@ -154,6 +180,16 @@ def decoder_step(model: DecoderConfig, rows: int, length: int, steps: int, loss_
     task = LanguageModelTask(model, loss_chunk_size=min(loss_chunk, length))
     mesh = part.make_mesh(part.MeshShape(data=1), devices=jax.devices()[:1])
     trainer = Trainer(task, OptimizerConfig(learning_rate=1e-5), mesh, total_steps=10**6)
+    if not run:
+        row = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        abstract = {"tokens": row, "segment_ids": row, "positions": row,
+                    "loss_weights": jax.ShapeDtypeStruct((rows, length), jnp.float32)}
+        with jax.set_mesh(mesh), part.axis_rules(trainer.rules):
+            start = time.perf_counter()
+            compiled = trainer._step.lower(trainer.abstract_state, abstract).compile()
+        out = {"compile_s": time.perf_counter() - start}
+        check_memory(compiled, out)
+        return out
     state = trainer.init_state()
     batch = part.shard_batch(mesh, lm_batch(rows, length, model.vocab_size), trainer.rules)
     try:
@@ -162,15 +198,7 @@ def decoder_step(model: DecoderConfig, rows: int, length: int, steps: int, loss_
             start = time.perf_counter()
             compiled = trainer._step.lower(state, batch).compile()
         out = {"compile_s": time.perf_counter() - start}
-        memory = compiled.memory_analysis()
-        limit = device_memory()
-        if memory is not None:
-            need = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
-                    + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-            out["memory_gib"] = need / 2**30
-            if limit is not None and need > limit:
-                raise MemoryError(f"RESOURCE_EXHAUSTED (XLA's memory analysis): {need / 2**30:.1f} "
-                                  f"GiB needed, {limit / 2**30:.1f} GiB on the device")
+        check_memory(compiled, out)
         state, metrics = trainer.step(state, batch)  # warm-up
         jax.block_until_ready(metrics["loss"])
         start = time.perf_counter()
@@ -362,43 +390,57 @@ def format_contrastive(r: dict) -> str:
 
 
 def longest_part(args) -> list[dict]:
+    """Doubles the row until it no longer fits. A length whose step would take longer than
+    ``--max-step-seconds`` (the last step time x the length ratio squared: attention
+    dominates there) is only compiled and checked against the device's memory, not run."""
     base = SMOKE_DECODER if args.smoke else one_billion()
     rows_out = []
     for attention in args.long_attention.split(","):
         model = dataclasses.replace(base, attention=attention, remat_policy="full",
                                     dtype=args.dtype, scan_layers=True)
-        length, last, why = args.start_length, None, "reached --max-length"
+        length, ran, fits, why = args.start_length, None, None, "reached --max-length"
         while length <= args.max_length:
+            predicted = None if ran is None else ran["step_s"] * (length / ran["length"]) ** 2
+            run = predicted is None or predicted <= args.max_step_seconds
             try:
-                out = decoder_step(model, 1, length, 1, args.loss_chunk)
+                out = decoder_step(model, 1, length, 1, args.loss_chunk, run=run)
             except Exception as e:  # noqa: BLE001
                 why = ("out of memory at " if is_oom(e) else "failed at ") + f"{length}: {reason(e)}"
                 free()
                 break
-            last = dict(length=length, step_s=out["step_s"], memory_gib=out.get("memory_gib"))
-            print(f"  {attention}: {length} tokens trains ({out['step_s']:.2f} s a step)", flush=True)
+            fits = dict(length=length, memory_gib=out.get("memory_gib"))
+            if run:
+                ran = dict(length=length, step_s=out["step_s"], memory_gib=out.get("memory_gib"))
+                print(f"  {attention}: {length} tokens trains ({out['step_s']:.2f} s a step)", flush=True)
+            else:
+                print(f"  {attention}: {length} tokens fits by XLA's memory analysis (not run: a step "
+                      f"would take ~{predicted:.0f} s)", flush=True)
             free()
-            if out["step_s"] > args.max_step_seconds:
-                why = f"stopped: a step at {length} took {out['step_s']:.0f} s > --max-step-seconds"
-                break
             length *= 2
-        row = dict(attention=attention, longest=last["length"] if last else None,
-                   step_s=last["step_s"] if last else None,
-                   memory_gib=last.get("memory_gib") if last else None, stop=why)
+        row = dict(attention=attention, longest=ran["length"] if ran else None,
+                   step_s=ran["step_s"] if ran else None,
+                   memory_gib=ran.get("memory_gib") if ran else None,
+                   fits=fits["length"] if fits else None,
+                   fits_memory_gib=fits.get("memory_gib") if fits else None, stop=why)
         print(format_longest(row), flush=True)
         rows_out.append(row)
     return rows_out
 
 
-LONGEST_HEADER = ("| attention | longest row that trains | step s there | memory GiB (XLA) | why it stopped |\n"
-                  "|---|---|---|---|---|")
+LONGEST_HEADER = ("| attention | longest row that trained a step | step s there | memory GiB (XLA) "
+                  "| longest that compiles within memory | memory GiB there | why the search stopped |\n"
+                  "|---|---|---|---|---|---|---|")
 
 
 def format_longest(r: dict) -> str:
+    def gib(x):
+        return f"{x:.1f}" if x is not None else "-"
+
     longest = f"{r['longest']:,}" if r["longest"] else "none"
+    fits = f"{r['fits']:,}" if r.get("fits") else "none"
     step = f"{r['step_s']:.2f}" if r["step_s"] is not None else "-"
-    mem = f"{r['memory_gib']:.1f}" if r.get("memory_gib") is not None else "-"
-    return f"| {r['attention']} | {longest} | {step} | {mem} | {r['stop']} |"
+    return (f"| {r['attention']} | {longest} | {step} | {gib(r.get('memory_gib'))} | {fits} "
+            f"| {gib(r.get('fits_memory_gib'))} | {r['stop']} |")
 
 
 # ----------------------------------------------------------------------- main
@@ -421,10 +463,12 @@ def main(argv=None):
     p.add_argument("--clength", type=int, default=None, help="contrastive tokens a side (128)")
     p.add_argument("--cchunks", type=int, default=None, help="gradient-caching chunks (default 8)")
     p.add_argument("--encoder-attention", default="cudnn,xla", help="ours in contrastive")
-    p.add_argument("--long-attention", default="chunked,pallas,cudnn", help="longest-row implementations")
+    p.add_argument("--long-attention", default="chunked", help="longest-row implementations "
+                   "(comma list, e.g. chunked,pallas,cudnn; each doubling compiles a 1B step)")
     p.add_argument("--start-length", type=int, default=None, help="longest: first length (8192)")
     p.add_argument("--max-length", type=int, default=None, help="longest: stop here (2**20)")
-    p.add_argument("--max-step-seconds", type=float, default=300.0)
+    p.add_argument("--max-step-seconds", type=float, default=60.0,
+                   help="longest: lengths whose step would take longer are compiled, not run")
     p.add_argument("--json", help="also write every result here")
     p.add_argument("--record", action="store_true", help="append the tables to bench/RESULTS.md")
     args = p.parse_args(argv)
@@ -432,7 +476,7 @@ def main(argv=None):
     defaults = dict(lengths="64" if small else "4096,32768",
                     tokens_per_step=256 if small else 32768, steps=2 if small else 5,
                     cbatch=8 if small else 1024, clength=32 if small else 128,
-                    cchunks=2 if small else 8, start_length=64 if small else 8192,
+                    cchunks=2 if small else 8, start_length=32 if small else 8192,
                     max_length=64 if small else 2**20)
     for key, value in defaults.items():
         if getattr(args, key) is None:

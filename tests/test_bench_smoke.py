@@ -31,15 +31,19 @@ def run_bench(script, *args, timeout=300):
 @pytest.mark.slow
 def test_gpu_suite_smoke_runs_every_part_on_cpu(tmp_path):
     before = (ROOT / "bench" / "RESULTS.md").read_text()
-    stdout = run_bench("gpu_suite.py", "--smoke", "--json", str(tmp_path / "suite.json"))
+    # Row 32 trains a step; 64 is only compiled (--max-step-seconds 0) and checked for memory.
+    # xla runs on a CPU, pallas and cudnn fail there (reported, then skipped).
+    stdout = run_bench("gpu_suite.py", "--smoke", "--attention", "pallas,cudnn,xla",
+                       "--long-attention", "chunked", "--max-step-seconds", "0",
+                       "--json", str(tmp_path / "suite.json"))
     results = json.loads((tmp_path / "suite.json").read_text())
     assert results["matmul_peak_tflops"] > 0
     assert "6 N tokens + 6 L T^2 H D" in stdout  # the MFU formula is stated
 
     mfu = {r["attention"]: r for r in results["mfu"]}
-    for name in ("xla", "chunked"):  # run on a CPU
-        assert mfu[name]["step_s"] > 0 and 0 < mfu[name]["mfu"], mfu[name]
-        assert mfu[name]["flops"] > 6 * mfu[name]["n_matmul"] * mfu[name]["rows"] * mfu[name]["length"]
+    xla = mfu["xla"]
+    assert xla["step_s"] > 0 and xla["mfu"] > 0, xla
+    assert xla["flops"] > 6 * xla["n_matmul"] * xla["rows"] * xla["length"]  # + attention
     for name in ("pallas", "cudnn"):  # need a TPU / GPU: reported with the reason, then skipped
         assert "error" in mfu[name] and mfu[name]["error"], mfu[name]
 
@@ -51,8 +55,7 @@ def test_gpu_suite_smoke_runs_every_part_on_cpu(tmp_path):
         assert theirs["examples_per_s"] > 0 and ours[0]["ratio"] > 0
 
     longest = {r["attention"]: r for r in results["longest"]}
-    assert longest["chunked"]["longest"] >= 64
-    assert longest["cudnn"]["longest"] is None and "failed" in longest["cudnn"]["stop"]
+    assert longest["chunked"]["longest"] == 32 and longest["chunked"]["fits"] == 64
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before  # no --record, nothing written
 
 
