@@ -170,7 +170,34 @@ def profile_ours(embedder, texts, batch_size, max_length, torch_model) -> str:
         entry["peer"] += peer_s
         entry["peer_len"] += longest * len(rows)
         rows_total += len(rows)
-    lines = [f"tokenization (ours, all {len(texts)} texts): {tok_s * 1e3:.1f} ms",
+    # One attention layer's forward at the longest bucket: ours (the model's backend, scores
+    # materialised) against torch's scaled_dot_product_attention (BertModel's fused kernel).
+    import jax.numpy as jnp
+
+    from t5x_like.kernels.attention import dot_product_attention
+
+    cfg = embedder.config
+    length = max(per_len)
+    heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+    q_np = np.random.default_rng(0).standard_normal((batch_size, length, heads, head_dim)).astype(np.float32)
+    seg = jnp.ones((batch_size, length), jnp.int32)
+    attn = jax.jit(lambda q: dot_product_attention(q, q, q, causal=False, segment_ids=seg,
+                                                   implementation=cfg.attention))
+    q = jnp.asarray(q_np)
+    tq = torch.from_numpy(q_np).transpose(1, 2).contiguous()
+    tmask = torch.ones((batch_size, 1, 1, length), dtype=torch.bool)
+
+    def best_of(fn, n=5):
+        fn()
+        return min(timed(fn)[1] for _ in range(n)) * 1e3
+
+    ours_attn = best_of(lambda: attn(q).block_until_ready())
+    with torch.inference_mode():
+        theirs_attn = best_of(lambda: torch.nn.functional.scaled_dot_product_attention(
+            tq, tq, tq, attn_mask=tmask))
+    lines = [f"tokenization (ours, all {len(texts)} texts): {tok_s * 1e3:.1f} ms; one attention "
+             f"layer's forward at {batch_size} x {length} tokens: ours ({cfg.attention}) "
+             f"{ours_attn:.1f} ms, torch SDPA {theirs_attn:.1f} ms (x {cfg.num_layers} layers a batch)",
              "| bucket length | batches | rows | real tokens | our padded tokens | peer padded tokens "
              "| pad ms | put ms | our forward ms | get ms | peer forward ms | forward ratio ours/peer |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
