@@ -336,7 +336,7 @@ def profile_model(ours: "Ours", theirs: "Theirs", config, args, n: int) -> str:
     heads, head_dim = config.num_heads, config.embed_dim // config.num_heads
     rng_np = np.random.default_rng(0)
     q_np = rng_np.standard_normal((rows, length, heads, head_dim)).astype(np.float32)
-    mask_np = np.asarray(batch["passage_mask"])[:, 0]
+    mask_np = np.array(batch["passage_mask"])[:, 0]  # a writable copy for torch.from_numpy
     q, seg = jnp.asarray(q_np), jnp.asarray(mask_np)
     attn = jax.jit(jax.grad(lambda q: jnp.sum(dot_product_attention(
         q, q, q, causal=False, segment_ids=seg, implementation=config.attention) ** 2)))
@@ -411,7 +411,7 @@ def bench_model(name: str, args, pairs, workdir) -> tuple[list[dict], str]:
             f"{time.perf_counter() - start:.0f} s wall")
     if args.profile:
         table = profile_model(variants[("ours", "none")], variants[("theirs", "none")], config,
-                              args, n=max(steps // 2, 2))
+                              args, n=max(steps, 3))
         print(table, flush=True)
         note += f"\n\n  Break-down of {name}'s plain step (`--profile`, medians):\n\n" + "\n".join(
             "  " + line for line in table.splitlines()) + "\n"
