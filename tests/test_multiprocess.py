@@ -1,8 +1,12 @@
 """Two real processes (jax.distributed on 127.0.0.1, gloo CPU collectives, 4 simulated
 devices each) train the tiny contrastive config through the CLI, the global batch split
 between them: the losses equal one process over 8 devices, the checkpoint is written
-once, and a single process resumes from it to the same final parameters."""
+once, and a single process resumes from it to the same final parameters.
 
+Every run is a fresh CLI process, as users launch them: the reference is not trained
+inside pytest, whose earlier tests leave JAX, TensorFlow and seqio state behind."""
+
+import json
 import os
 import pathlib
 import socket
@@ -13,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import checkpoints, train
+from t5x_like import checkpoints
 from t5x_like.metrics import read_jsonl
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -26,20 +30,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(workdir: pathlib.Path, *overrides: str) -> list[str]:
-    port = free_port()
+def cli(workdir: pathlib.Path, process_id: int | None, port: int, *overrides: str):
+    """One ``t5x_like.train`` process: one of two (4 devices) or alone (8 devices)."""
+    devices = 8 if process_id is None else 4
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               JAX_DEFAULT_MATMUL_PRECISION="highest", PYTHONPATH=str(ROOT))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "t5x_like.train", f"--config={SPEC}", f"--workdir={workdir}",
-             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-             *overrides],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-        for i in range(2)
-    ]
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+               PYTHONPATH=str(ROOT))
+    distributed = [] if process_id is None else [
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}"]
+    return subprocess.Popen(
+        [sys.executable, "-m", "t5x_like.train", f"--config={SPEC}", f"--workdir={workdir}",
+         *distributed, *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def run(workdir: pathlib.Path, processes: int, *overrides: str) -> list[str]:
+    """Runs the CLI in ``processes`` (1 or 2) processes to the end; their outputs."""
+    port = free_port()
+    ids = [None] if processes == 1 else list(range(processes))
+    procs = [cli(workdir, i, port, *overrides) for i in ids]
     outputs = []
     try:
         for p in procs:
@@ -63,14 +74,12 @@ def saved_params(workdir: pathlib.Path, step: int) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one_and_a_single_process_resumes(devices, tmp_path):
-    from tests.test_train_cli import load
-
+def test_two_processes_train_like_one_and_a_single_process_resumes(tmp_path):
     single = tmp_path / "single"
-    train.train(load(SPEC), single)
+    run(single, 1)
 
     two = tmp_path / "two"
-    outputs = run_two_processes(two, "--config.train.stop_after=2")
+    outputs = run(two, 2, "--config.train.stop_after=2")
     assert "Mesh(data=8, fsdp=1, tensor=1, sequence=1) over 8 x cpu" in outputs[0]
     np.testing.assert_allclose(losses(two), losses(single)[:2], rtol=1e-5)
 
@@ -86,8 +95,8 @@ def test_two_processes_train_like_one_and_a_single_process_resumes(devices, tmp_
 
     # One process over 8 devices resumes the 2-process checkpoint (parameters, optimizer,
     # RNG and the data position) and lands where the single run did.
-    resumed = train.train(load(SPEC), two)
-    assert resumed["completed"]
+    run(two, 1)
+    assert json.loads((two / "results.json").read_text())["completed"]
     np.testing.assert_allclose(losses(two), losses(single), rtol=1e-5)
     for a, b in zip(saved_params(two, 3), saved_params(single, 3), strict=True):
         # Adam amplifies reduction-order noise in tiny second moments: 1e-5 is 1% of a step.
