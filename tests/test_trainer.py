@@ -103,7 +103,10 @@ def test_accumulation_equals_one_large_batch(devices):
     _, acc, acc_losses = run_steps(task, dict(data=8), batches, accumulation=2)
     np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+        # Adam turns reduction-order noise in near-zero gradients into update noise of up
+        # to lr = 3e-3 (CI saw 4e-6 on one element); a real accumulation bug moves every
+        # parameter by about lr.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def test_gradient_cache_step_equals_plain_step(devices):
