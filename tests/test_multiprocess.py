@@ -30,16 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli(workdir: pathlib.Path, process_id: int | None, port: int, *overrides: str):
-    """One ``t5x_like.train`` process: one of two (4 devices) or alone (8 devices)."""
-    devices = 8 if process_id is None else 4
+def cli(workdir: pathlib.Path, processes: int, process_id: int, port: int, *overrides: str):
+    """One ``t5x_like.train`` process of ``processes``, the 8 CPU devices split between them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}",
                JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
                PYTHONPATH=str(ROOT))
-    distributed = [] if process_id is None else [
+    distributed = [] if processes == 1 else [
         f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-        "--config.distributed.num_processes=2", f"--config.distributed.process_id={process_id}"]
+        f"--config.distributed.num_processes={processes}",
+        f"--config.distributed.process_id={process_id}"]
     return subprocess.Popen(
         [sys.executable, "-m", "t5x_like.train", f"--config={SPEC}", f"--workdir={workdir}",
          *distributed, *overrides],
@@ -47,10 +47,9 @@ def cli(workdir: pathlib.Path, process_id: int | None, port: int, *overrides: st
 
 
 def run(workdir: pathlib.Path, processes: int, *overrides: str) -> list[str]:
-    """Runs the CLI in ``processes`` (1 or 2) processes to the end; their outputs."""
+    """Runs the CLI in ``processes`` processes to the end; their outputs."""
     port = free_port()
-    ids = [None] if processes == 1 else list(range(processes))
-    procs = [cli(workdir, i, port, *overrides) for i in ids]
+    procs = [cli(workdir, processes, i, port, *overrides) for i in range(processes)]
     outputs = []
     try:
         for p in procs:

@@ -104,8 +104,7 @@ def test_accumulation_equals_one_large_batch(devices):
     np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(acc.params), jax.tree.leaves(big.params)):
         # Adam turns reduction-order noise in near-zero gradients into update noise of up
-        # to lr = 3e-3 (CI saw 4e-6 on one element); a real accumulation bug moves every
-        # parameter by about lr.
+        # to lr = 3e-3: a fresh-clone suite run saw 4.2e-6 on 1 of 2048 elements.
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
