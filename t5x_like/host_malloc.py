@@ -1,0 +1,72 @@
+"""glibc malloc settings that keep XLA:CPU's per-call buffers out of the page-fault path.
+
+XLA:CPU allocates every call's temporaries (attention scores, activations) with
+``malloc`` and frees them at the end of the call. With glibc's defaults, blocks of a
+few MB and more are fresh ``mmap`` regions or live in per-thread arenas that are
+trimmed when freed, so the next call touches new pages again: on the MiniLM-shaped
+attention layer that was ~14,000 minor page faults a forward (each page zeroed by
+the kernel), about half of its time. Three ``mallopt`` settings keep freed memory in
+one reusable heap instead: no ``mmap`` for large blocks, one arena, no trimming
+below 2 GB free (bench/RESULTS.md, "profile-guided pass"). The cost: the process
+keeps its peak heap instead of returning it to the system, and all threads share
+one arena, which is why this is only done where the host CPU does the compute.
+
+They only help when set before the XLA CPU client starts its threads, so
+``t5x_like/__init__.py`` calls :func:`configure` on import. ``T5X_LIKE_MALLOC``
+chooses: ``auto`` (default: on when no GPU / TPU is visible or ``JAX_PLATFORMS``
+is ``cpu``), ``on``, ``off``. Equivalent environment variables for other launchers:
+``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import sys
+
+ENV = "T5X_LIKE_MALLOC"
+CHOICES = ("auto", "on", "off")
+# mallopt parameters from glibc's malloc.h.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest is ~2 GB
+_ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
+
+# What configure() did, for logs and tests: None until it runs.
+applied: bool | None = None
+
+
+def wanted(env: dict | None = None) -> bool:
+    """Whether the settings should apply here, from ``T5X_LIKE_MALLOC`` and the host."""
+    env = os.environ if env is None else env
+    choice = env.get(ENV, "auto").strip().lower() or "auto"
+    if choice not in CHOICES:
+        raise ValueError(f"{ENV}={env[ENV]!r} is not one of {', '.join(CHOICES)}")
+    if choice != "auto":
+        return choice == "on"
+    platforms = env.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+
+
+def configure(env: dict | None = None) -> bool:
+    """Apply the settings when :func:`wanted`; returns whether they were applied."""
+    global applied
+    if applied is not None:
+        return applied
+    applied = False
+    if sys.platform != "linux" or not wanted(env):
+        return applied
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has no mallopt knobs)
+    except (OSError, AttributeError):
+        return applied
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    applied = all(
+        mallopt(param, value) == 1
+        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    )
+    return applied
