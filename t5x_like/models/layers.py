@@ -269,9 +269,19 @@ class MLP(nn.Module):
         return _mlp_dense(self, "down", x.shape[-1], "mlp", "embed", use_bias=True)(h)
 
 
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """``x * Phi(x)`` written with ``erf``, as torch computes it.
+
+    ``jax.nn.gelu(approximate=False)`` uses ``erfc``, which XLA:CPU evaluates about 4x
+    slower than ``erf`` (16 vs 4 ms on a MiniLM [4096, 1536] activation, 0.5 s of a
+    MiniLM training step); the erf form is within 1.1e-6 of float64 there.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Hugging Face names: "gelu" is the exact (erf) GELU, the tanh forms are approximate.
-    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu": exact_gelu,
     "gelu_new": functools.partial(nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
     "relu": nn.relu,
