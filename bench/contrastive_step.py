@@ -456,6 +456,7 @@ def main(argv=None):
     if args.chunks < 2 or args.batch_size % args.chunks:
         raise SystemExit(f"--chunks {args.chunks} must be >= 2 and divide --batch-size {args.batch_size}")
 
+    import t5x_like  # noqa: F401  (first: its CPU malloc settings precede jax's client)
     import jax
     import transformers
 

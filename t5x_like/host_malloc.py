@@ -24,6 +24,7 @@ import ctypes
 import glob
 import os
 import sys
+import warnings
 
 ENV = "T5X_LIKE_MALLOC"
 CHOICES = ("auto", "on", "off")
@@ -50,6 +51,11 @@ def wanted(env: dict | None = None) -> bool:
     return not any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
 
 
+def _jax_backend_started() -> bool:
+    bridge = sys.modules.get("jax._src.xla_bridge")  # private; absent before jax is imported
+    return bool(getattr(bridge, "_backends", None))
+
+
 def configure(env: dict | None = None) -> bool:
     """Apply the settings when :func:`wanted`; returns whether they were applied."""
     global applied
@@ -57,6 +63,20 @@ def configure(env: dict | None = None) -> bool:
         return applied
     applied = False
     if sys.platform != "linux" or not wanted(env):
+        return applied
+    if _jax_backend_started():
+        # The client's threads already own their arenas: settings now change little.
+        if "MALLOC_ARENA_MAX" in (os.environ if env is None else env):
+            return applied  # set in the environment, as the message below advises
+        warnings.warn(
+            "t5x_like was imported after jax started its CPU client, so its malloc settings "
+            f"would not take effect (attention on XLA:CPU runs up to ~2x slower; {ENV}, see "
+            "t5x_like/host_malloc.py). Import t5x_like before the first jax computation or "
+            "jax.devices(), or set MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 "
+            "MALLOC_TRIM_THRESHOLD_=2147483647 in the environment.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return applied
     try:
         libc = ctypes.CDLL(None)

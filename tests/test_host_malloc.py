@@ -62,3 +62,15 @@ def test_import_applies_the_settings_before_anything_allocates(switch):
         assert applied and faults < 100, faults
     else:
         assert not applied and faults >= 4 * 4096, faults
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_importing_after_jax_started_warns_and_says_what_to_do():
+    code = "import jax; jax.devices(); import t5x_like; print(t5x_like.host_malloc.applied)"
+    env = dict(os.environ, T5X_LIKE_MALLOC="on", JAX_PLATFORMS="cpu")
+    env.pop("MALLOC_ARENA_MAX", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.split() == ["False"]
+    assert "imported after jax started its CPU client" in done.stderr
+    assert "Import t5x_like before the first jax computation" in done.stderr
