@@ -7,14 +7,15 @@ trimmed when freed, so the next call touches new pages again: on the MiniLM-shap
 attention layer that was ~14,000 minor page faults a forward (each page zeroed by
 the kernel), about half of its time. Three ``mallopt`` settings keep freed memory in
 one reusable heap instead: no ``mmap`` for large blocks, one arena, no trimming
-below 2 GB free (bench/RESULTS.md, "profile-guided pass"). The cost: the process
-keeps its peak heap instead of returning it to the system, and all threads share
-one arena, which is why this is only done where the host CPU does the compute.
+below 2 GB free (bench/RESULTS.md, "Profile-guided pass").
 
-They only help when set before the XLA CPU client starts its threads, so
-``t5x_like/__init__.py`` calls :func:`configure` on import. ``T5X_LIKE_MALLOC``
-chooses: ``auto`` (default: on when no GPU / TPU is visible or ``JAX_PLATFORMS``
-is ``cpu``), ``on``, ``off``. Equivalent environment variables for other launchers:
+They are opt-in, ``T5X_LIKE_MALLOC=on`` (or ``auto``: on where no GPU / TPU is
+visible or ``JAX_PLATFORMS`` is ``cpu``; default ``off``): the process keeps its
+peak heap, all threads share one arena, and compile-bound runs (many small jobs,
+the test suite) were ~15% slower with them, while long CPU runs (embedding a
+corpus, benchmarks) gain. They only work when set before the XLA CPU client starts
+its threads, so ``t5x_like/__init__.py`` calls :func:`configure` on import.
+Equivalent environment variables for other launchers:
 ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.
 """
 
@@ -28,6 +29,7 @@ import warnings
 
 ENV = "T5X_LIKE_MALLOC"
 CHOICES = ("auto", "on", "off")
+DEFAULT = "off"
 # mallopt parameters from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest is ~2 GB
@@ -40,7 +42,7 @@ applied: bool | None = None
 def wanted(env: dict | None = None) -> bool:
     """Whether the settings should apply here, from ``T5X_LIKE_MALLOC`` and the host."""
     env = os.environ if env is None else env
-    choice = env.get(ENV, "auto").strip().lower() or "auto"
+    choice = env.get(ENV, DEFAULT).strip().lower() or DEFAULT
     if choice not in CHOICES:
         raise ValueError(f"{ENV}={env[ENV]!r} is not one of {', '.join(CHOICES)}")
     if choice != "auto":

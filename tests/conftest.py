@@ -7,7 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import t5x_like  # noqa: E402,F401  (its malloc settings must precede the XLA CPU client)
+import t5x_like  # noqa: E402,F401  (T5X_LIKE_MALLOC=on must act before the XLA CPU client)
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
 

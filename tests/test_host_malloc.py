@@ -16,9 +16,10 @@ from t5x_like import host_malloc
         ({"T5X_LIKE_MALLOC": "on", "JAX_PLATFORMS": "cuda"}, True),
         ({"T5X_LIKE_MALLOC": "off", "JAX_PLATFORMS": "cpu"}, False),
         ({"T5X_LIKE_MALLOC": " Off "}, False),
-        ({"JAX_PLATFORMS": "cpu"}, True),
+        ({"JAX_PLATFORMS": "cpu"}, False),  # opt-in: off unless asked
+        ({"T5X_LIKE_MALLOC": "auto", "JAX_PLATFORMS": "cpu"}, True),
         ({"T5X_LIKE_MALLOC": "auto", "JAX_PLATFORMS": "cuda,cpu"}, False),
-        ({"JAX_PLATFORMS": "tpu"}, False),
+        ({"T5X_LIKE_MALLOC": "auto", "JAX_PLATFORMS": "tpu"}, False),
     ],
 )
 def test_wanted_follows_the_switch_and_the_platform(env, expected):
