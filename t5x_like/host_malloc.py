@@ -61,6 +61,7 @@ def _jax_backend_started() -> bool:
 def configure(env: dict | None = None) -> bool:
     """Apply the settings when :func:`wanted`; returns whether they were applied."""
     global applied
+    env = os.environ if env is None else env
     if applied is not None:
         return applied
     applied = False
@@ -68,7 +69,7 @@ def configure(env: dict | None = None) -> bool:
         return applied
     if _jax_backend_started():
         # The client's threads already own their arenas: settings now change little.
-        if "MALLOC_ARENA_MAX" in (os.environ if env is None else env):
+        if "MALLOC_ARENA_MAX" in env:
             return applied  # set in the environment, as the message below advises
         warnings.warn(
             "t5x_like was imported after jax started its CPU client, so its malloc settings "

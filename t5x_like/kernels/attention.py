@@ -229,7 +229,8 @@ def _xla_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, 
     # Heads-major operands with each kv head's query groups stacked along the length:
     # [b, K, g*t, d] x [b, K, s, d] is a plain batched matmul (k/v read once per kv head,
     # no unit dims). The [b, t, K, g, d] einsum it replaces made XLA:CPU pick transposed
-    # operand layouts and copy the scores twice: 20-35% slower a layer (bench/RESULTS.md).
+    # operand layouts and copy the scores twice (MHA backward 10-30%, GQA 1.6-1.9x
+    # slower on CPU; bench/RESULTS.md, "Profile-guided pass").
     qh = q.reshape(b, t, kv_heads, groups, d).transpose(0, 2, 3, 1, 4)
     qh = qh.reshape(b, kv_heads, groups * t, d)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
