@@ -11,7 +11,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from t5x_like.kernels import attention
+from t5x_like.kernels import attention, flash_blocks
 from t5x_like.kernels.attention import AttentionSpec, dot_product_attention
 from test_attention import assert_matches, packed_segments, random_inputs, reference
 
@@ -186,29 +186,29 @@ def test_exactly_the_visible_blocks_run_and_only_they_are_fetched(
     kv_seg = q_seg if tq == tk else np.ones((b, tk), np.int32)
     spec = AttentionSpec(b, tq, tk, 2, 1, 16, causal, 1.0, blocks, window)
     bq, bk = pallas_tpu._block_sizes(spec, on_tpu=False)
-    cfg = pallas_tpu._Config(
+    cfg = flash_blocks.FlashConfig(
         causal=causal, window=window, scale=1.0, q_len=tq, kv_len=tk, bq=bq, bk=bk,
         groups=2, segmented=True, interpret=True,
     )
-    qs = pallas_tpu._edge_pad(jnp.asarray(q_seg), cfg.nq * bq - tq)
-    ks = pallas_tpu._edge_pad(jnp.asarray(kv_seg), cfg.nk * bk - tk)
-    meta = pallas_tpu._block_meta(cfg, b, qs, ks)
+    qs = flash_blocks.edge_pad(jnp.asarray(q_seg), cfg.nq * bq - tq)
+    ks = flash_blocks.edge_pad(jnp.asarray(kv_seg), cfg.nk * bk - tk)
+    meta = flash_blocks.block_meta(cfg, b, qs, ks)
     visible, full = dense_block_visibility(cfg, q_seg, kv_seg)
     for r in range(b):
         for i in range(cfg.nq):
             for j in range(cfg.nk):
-                runs = bool(pallas_tpu._block_runs(cfg, meta, r, i, j))
-                unmasked = runs and bool(pallas_tpu._block_full(cfg, meta, r, i, j))
+                runs = bool(flash_blocks.block_runs(cfg, meta, r, i, j))
+                unmasked = runs and bool(flash_blocks.block_full(cfg, meta, r, i, j))
                 assert runs == visible[r, i, j], (r, i, j)
                 assert not unmasked or full[r, i, j], (r, i, j)
             row = r * cfg.nq + i
-            fetched = {int(pallas_tpu._clamp(j, meta.row_lo[row], meta.row_hi[row]))
+            fetched = {int(flash_blocks.clamp(j, meta.row_lo[row], meta.row_hi[row]))
                        for j in range(cfg.nk)}
             if visible[r, i].any():
                 assert fetched == set(np.flatnonzero(visible[r, i])), (r, i)
         for j in range(cfg.nk):
             col = r * cfg.nk + j
-            fetched = {int(pallas_tpu._clamp(i, meta.col_lo[col], meta.col_hi[col]))
+            fetched = {int(flash_blocks.clamp(i, meta.col_lo[col], meta.col_hi[col]))
                        for i in range(cfg.nq)}
             if visible[r, :, j].any():
                 assert fetched == set(np.flatnonzero(visible[r, :, j])), (r, j)

@@ -50,9 +50,7 @@ kernel has been tested in interpret mode only; its Mosaic lowering is unverified
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +59,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from t5x_like.kernels import attention
+from t5x_like.kernels import flash_blocks as fb
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_K = 512
@@ -71,38 +70,6 @@ NUM_SUBLANES = 8
 # ----------------------------------------------------------------- static config
 
 
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    """Everything static about one call (hashable: custom_vjp's nondiff argument)."""
-
-    causal: bool
-    window: int | None
-    scale: float
-    q_len: int  # real lengths; the arrays are padded to nq * bq and nk * bk
-    kv_len: int
-    bq: int
-    bk: int
-    groups: int
-    segmented: bool
-    interpret: bool
-
-    @property
-    def nq(self) -> int:
-        return -(-self.q_len // self.bq)
-
-    @property
-    def nk(self) -> int:
-        return -(-self.kv_len // self.bk)
-
-    @property
-    def q_padded(self) -> bool:
-        return self.nq * self.bq != self.q_len
-
-    @property
-    def kv_padded(self) -> bool:
-        return self.nk * self.bk != self.kv_len
-
-
 def _block_sizes(spec: attention.AttentionSpec, on_tpu: bool) -> tuple[int, int]:
     """``spec.block_sizes`` clamped to the lengths, or TPU-friendly defaults.
 
@@ -111,8 +78,8 @@ def _block_sizes(spec: attention.AttentionSpec, on_tpu: bool) -> tuple[int, int]
     tiny ones in interpret mode) but must be tile-aligned on a real TPU.
     """
     if spec.block_sizes is None:
-        bq = min(DEFAULT_BLOCK_Q, _round_up(spec.q_len, NUM_SUBLANES))
-        bk = min(DEFAULT_BLOCK_K, _round_up(spec.kv_len, NUM_LANES))
+        bq = min(DEFAULT_BLOCK_Q, fb.round_up(spec.q_len, NUM_SUBLANES))
+        bk = min(DEFAULT_BLOCK_K, fb.round_up(spec.kv_len, NUM_LANES))
         return bq, bk
     bq, bk = min(spec.block_sizes[0], spec.q_len), min(spec.block_sizes[1], spec.kv_len)
     if on_tpu and (
@@ -126,178 +93,25 @@ def _block_sizes(spec: attention.AttentionSpec, on_tpu: bool) -> tuple[int, int]
     return bq, bk
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-# ------------------------------------------------------- block visibility (shared)
-# These take block indices as Python ints, jnp arrays or in-kernel scalars alike.
-
-
-def _distance_bounds(cfg: _Config) -> tuple[int | None, int | None]:
-    """The allowed ``q_pos - kv_pos``: ``[lo, hi]``, None meaning unbounded."""
-    lo = 0 if cfg.causal else None
-    hi = None
-    if cfg.window is not None:
-        hi = cfg.window - 1
-        lo = lo if lo is not None else -(cfg.window - 1)
-    return lo, hi
-
-
-def _distance_range(cfg: _Config, i, j):
-    """Smallest and largest ``q_pos - kv_pos`` between the real rows of q block ``i``
-    and the real keys of kv block ``j`` (padding excluded: it sees nothing)."""
-    q_first = i * cfg.bq
-    q_last = jnp.minimum(q_first + cfg.bq, cfg.q_len) - 1
-    k_first = j * cfg.bk
-    k_last = jnp.minimum(k_first + cfg.bk, cfg.kv_len) - 1
-    return q_first - k_last, q_last - k_first
-
-
-def _block_sees_by_position(cfg: _Config, i, j):
-    """Whether some pair of the blocks is visible by position (segments aside).
-
-    The distances form one contiguous integer interval, so the blocks see each
-    other iff it meets the allowed interval.
-    """
-    dmin, dmax = _distance_range(cfg, i, j)
-    lo, hi = _distance_bounds(cfg)
-    sees = jnp.ones(jnp.shape(dmin), bool)
-    if lo is not None:
-        sees = sees & (dmax >= lo)
-    if hi is not None:
-        sees = sees & (dmin <= hi)
-    return sees
-
-
-def _block_full_by_position(cfg: _Config, i, j):
-    """Whether every pair of the blocks is visible by position and none is padding."""
-    dmin, dmax = _distance_range(cfg, i, j)
-    lo, hi = _distance_bounds(cfg)
-    full = jnp.ones(jnp.shape(dmin), bool)
-    if lo is not None:
-        full = full & (dmin >= lo)
-    if hi is not None:
-        full = full & (dmax <= hi)
-    if cfg.q_padded:
-        full = full & ((i + 1) * cfg.bq <= cfg.q_len)
-    if cfg.kv_padded:
-        full = full & ((j + 1) * cfg.bk <= cfg.kv_len)
-    return full
-
-
-class _BlockMeta(NamedTuple):
-    """Scalar-prefetched (SMEM) block facts, each 1-D: ``[batch * nq]`` or ``[batch * nk]``.
-
-    ``row_lo..row_hi``: the visible kv blocks of a q block (empty: 0, -1);
-    ``col_lo..col_hi``: the visible q blocks of a kv block; ``*_min/_max``: the
-    segment id range of a block's real tokens (all 0 without segment ids).
-    """
-
-    row_lo: jax.Array
-    row_hi: jax.Array
-    col_lo: jax.Array
-    col_hi: jax.Array
-    q_min: jax.Array
-    q_max: jax.Array
-    kv_min: jax.Array
-    kv_max: jax.Array
-
-
-def _block_meta(cfg: _Config, batch: int, qs, ks) -> _BlockMeta:
-    """Per-block bounds from positions and segment-id ranges (plain JAX, O(nq * nk)).
-
-    Two blocks whose id ranges are disjoint share no id, whatever the order of the
-    ids, so skipping them is exact; for sorted (packed) ids it is also tight.
-    """
-    visible = _block_sees_by_position(cfg, jnp.arange(cfg.nq)[:, None], jnp.arange(cfg.nk)[None])
-    visible = jnp.broadcast_to(visible, (batch, cfg.nq, cfg.nk))
-    if qs is None:
-        q_min = q_max = jnp.zeros((batch, cfg.nq), jnp.int32)
-        kv_min = kv_max = jnp.zeros((batch, cfg.nk), jnp.int32)
-    else:
-        q_min, q_max = _id_ranges(qs, cfg.bq)
-        kv_min, kv_max = _id_ranges(ks, cfg.bk)
-        visible = (
-            visible
-            & (q_min[:, :, None] <= kv_max[:, None, :])
-            & (kv_min[:, None, :] <= q_max[:, :, None])
-        )
-    row_lo, row_hi = _first_last(visible, axis=2)
-    col_lo, col_hi = _first_last(visible, axis=1)
-    flat = (row_lo, row_hi, col_lo, col_hi, q_min, q_max, kv_min, kv_max)
-    return _BlockMeta(*(x.reshape(-1).astype(jnp.int32) for x in flat))
-
-
-def _id_ranges(ids: jax.Array, block: int):
-    """Min and max id per block, ``[batch, n]``; ids are edge-padded, so padding adds
-    no new id."""
-    blocks = ids.reshape(ids.shape[0], -1, block)
-    return blocks.min(axis=2), blocks.max(axis=2)
-
-
-def _first_last(visible: jax.Array, axis: int):
-    """First and last True index along ``axis``; ``(0, -1)`` where there is none."""
-    n = visible.shape[axis]
-    idx = lax.broadcasted_iota(jnp.int32, visible.shape, axis)
-    last = jnp.max(jnp.where(visible, idx, -1), axis=axis)
-    first = jnp.min(jnp.where(visible, idx, n), axis=axis)
-    return jnp.where(last >= 0, first, 0), last
-
-
-def _clamp(x, lo, hi):
-    """``x`` clamped into ``[lo, hi]``; an empty range (hi < lo) gives lo."""
-    return jnp.minimum(jnp.maximum(x, lo), jnp.maximum(hi, lo))
-
-
-def _block_runs(cfg: _Config, meta: _BlockMeta, b, i, j):
-    """In-kernel: whether q block i and kv block j of batch row b share a visible pair."""
-    r, c = b * cfg.nq + i, b * cfg.nk + j
-    in_band = (meta.row_lo[r] <= j) & (j <= meta.row_hi[r])
-    ids_meet = (meta.q_min[r] <= meta.kv_max[c]) & (meta.kv_min[c] <= meta.q_max[r])
-    return in_band & ids_meet
-
-
-def _block_full(cfg: _Config, meta: _BlockMeta, b, i, j):
-    """In-kernel: whether every pair of the blocks is visible (no element mask needed)."""
-    r, c = b * cfg.nq + i, b * cfg.nk + j
-    one_id = (
-        (meta.q_min[r] == meta.q_max[r])
-        & (meta.kv_min[c] == meta.kv_max[c])
-        & (meta.q_min[r] == meta.kv_min[c])
-    )
-    return _block_full_by_position(cfg, i, j) & one_id
-
-
-def _element_mask(cfg: _Config, i, j, qs_ref, ks_ref):
-    """``[bq, bk]`` visibility inside a block pair (only for blocks that are not full)."""
-    shape = (cfg.bq, cfg.bk)
-    rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, shape, 0)
-    cols = j * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, 1)
-    mask = jnp.ones(shape, bool)
-    if cfg.q_padded:
-        mask = mask & (rows < cfg.q_len)
-    if cfg.kv_padded:
-        mask = mask & (cols < cfg.kv_len)
-    lo, hi = _distance_bounds(cfg)
-    if lo is not None:
-        mask = mask & (rows - cols >= lo)
-    if hi is not None:
-        mask = mask & (rows - cols <= hi)
-    if cfg.segmented:
-        mask = mask & (qs_ref[:, :1] == ks_ref[:1, :])
-    return mask
-
-
-def _when_block_runs(cfg: _Config, meta: _BlockMeta, b, i, j, step):
+def _when_block_runs(cfg: fb.FlashConfig, meta: fb.BlockMeta, b, i, j, step):
     """Runs ``step(masked)`` for a visible block: unmasked when it is full, else masked."""
-    runs = _block_runs(cfg, meta, b, i, j)
-    full = _block_full(cfg, meta, b, i, j)
+    runs = fb.block_runs(cfg, meta, b, i, j)
+    full = fb.block_full(cfg, meta, b, i, j)
     pl.when(runs & full)(lambda: step(False))
     pl.when(runs & jnp.logical_not(full))(lambda: step(True))
 
 
-def _logits(cfg: _Config, q, k, mask):
+def _element_mask(cfg: fb.FlashConfig, i, j, qs_ref, ks_ref):
+    """``[bq, bk]`` visibility inside a block pair (only for blocks that are not full)."""
+    shape = (cfg.bq, cfg.bk)
+    rows = i * cfg.bq + lax.broadcasted_iota(jnp.int32, shape, 0)
+    cols = j * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, 1)
+    if not cfg.segmented:
+        return fb.element_mask(cfg, rows, cols)
+    return fb.element_mask(cfg, rows, cols, qs_ref[:, :1], ks_ref[:1, :])
+
+
+def _logits(cfg: fb.FlashConfig, q, k, mask):
     """``q k^T * scale`` in fp32 ``[bq, bk]``; -inf where masked."""
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     s = s * jnp.float32(cfg.scale)
@@ -312,9 +126,9 @@ def _lanes(col: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(cfg: _Config, *refs):
+def _fwd_kernel(cfg: fb.FlashConfig, *refs):
     meta, (q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, acc_ref, m_ref, l_ref) = (
-        _BlockMeta(*refs[:8]), refs[8:]
+        fb.BlockMeta(*refs[:8]), refs[8:]
     )
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -349,7 +163,7 @@ def _fwd_kernel(cfg: _Config, *refs):
         lse_ref[...] = _lanes(jnp.where(seen, m_ref[:, :1] + jnp.log(l_safe), -jnp.inf))
 
 
-def _forward(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
+def _forward(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
     """q ``[b, H, Tq, d]``, k/v ``[b, K, Tk, d]`` (padded) → out (q dtype), lse ``[b, H, Tq]``."""
     batch, heads, tq, d = q.shape
     q_spec, kv_spec, segment_specs = _query_major_specs(cfg, d)
@@ -381,15 +195,15 @@ def _forward(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
     return out, lse[..., 0]
 
 
-def _query_major_specs(cfg: _Config, d: int):
+def _query_major_specs(cfg: fb.FlashConfig, d: int):
     """``(q, k/v, segment-id specs)`` of the grid (batch, heads, q block i, kv block j) that
     the forward and dq kernels share: GQA through ``h // groups``, and the kv block index
     clamped to the row's visible range so a skipped step re-asks for a loaded block."""
 
     def kv_block(b, h, i, j, *m):
-        meta = _BlockMeta(*m)
+        meta = fb.BlockMeta(*m)
         r = b * cfg.nq + i
-        return _clamp(j, meta.row_lo[r], meta.row_hi[r])
+        return fb.clamp(j, meta.row_lo[r], meta.row_hi[r])
 
     q_spec = pl.BlockSpec((None, None, cfg.bq, d), lambda b, h, i, j, *m: (b, h, i, 0))
     kv_spec = pl.BlockSpec(
@@ -404,7 +218,7 @@ def _query_major_specs(cfg: _Config, d: int):
     return q_spec, kv_spec, segment_specs
 
 
-def _segment_specs(cfg: _Config, q_index, kv_index) -> list:
+def _segment_specs(cfg: fb.FlashConfig, q_index, kv_index) -> list:
     """BlockSpecs of the lane-broadcast q ids ``[b, Tq, 128]`` and sublane-broadcast kv
     ids ``[b, 8, Tk]`` (None, None without segment ids)."""
     if not cfg.segmented:
@@ -418,13 +232,13 @@ def _segment_specs(cfg: _Config, q_index, kv_index) -> list:
 # ------------------------------------------------------------------ backward
 
 
-def _probabilities(cfg: _Config, q, k, lse, mask):
+def _probabilities(cfg: fb.FlashConfig, q, k, lse, mask):
     """Block probabilities recomputed from the saved logsumexp (masked entries: exp(-inf) = 0)."""
     return jnp.exp(_logits(cfg, q, k, mask) - lse)
 
 
-def _dq_kernel(cfg: _Config, *refs):
-    meta = _BlockMeta(*refs[:8])
+def _dq_kernel(cfg: fb.FlashConfig, *refs):
+    meta = fb.BlockMeta(*refs[:8])
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref, dq_ref, acc_ref = refs[8:]
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
@@ -449,8 +263,8 @@ def _dq_kernel(cfg: _Config, *refs):
         dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(cfg: _Config, *refs):
-    meta = _BlockMeta(*refs[:8])
+def _dkv_kernel(cfg: fb.FlashConfig, *refs):
+    meta = fb.BlockMeta(*refs[:8])
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qs_ref, ks_ref,
      dk_ref, dv_ref, dk_acc, dv_acc) = refs[8:]
     b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
@@ -483,7 +297,7 @@ def _dkv_kernel(cfg: _Config, *refs):
         dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
 
 
-def _backward_dq(cfg: _Config, q, k, v, do, lse, delta, qs, ks, meta: _BlockMeta):
+def _backward_dq(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.BlockMeta):
     batch, heads, _, d = q.shape
     q_spec, kv_spec, segment_specs = _query_major_specs(cfg, d)
     row_spec = pl.BlockSpec((None, None, cfg.bq, NUM_LANES), lambda b, h, i, j, *m: (b, h, i, 0))
@@ -506,14 +320,14 @@ def _backward_dq(cfg: _Config, q, k, v, do, lse, delta, qs, ks, meta: _BlockMeta
     )(*meta, q, k, v, do, lse, delta, qs, ks)
 
 
-def _backward_dkv(cfg: _Config, q, k, v, do, lse, delta, qs, ks, meta: _BlockMeta):
+def _backward_dkv(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.BlockMeta):
     batch, kv_heads, _, d = k.shape
     g = cfg.groups
 
     def q_block(b, kh, j, gi, i, *m):
-        meta = _BlockMeta(*m)
+        meta = fb.BlockMeta(*m)
         c = b * cfg.nk + j
-        return _clamp(i, meta.col_lo[c], meta.col_hi[c])
+        return fb.clamp(i, meta.col_lo[c], meta.col_hi[c])
 
     def q_index(b, kh, j, gi, i, *m):
         return (b, kh * g + gi, q_block(b, kh, j, gi, i, *m), 0)
@@ -554,16 +368,16 @@ def _backward_dkv(cfg: _Config, q, k, v, do, lse, delta, qs, ks, meta: _BlockMet
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
+def _flash(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
     return _forward(cfg, q, k, v, qs, ks, meta)[0]
 
 
-def _flash_fwd(cfg: _Config, q, k, v, qs, ks, meta: _BlockMeta):
+def _flash_fwd(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
     out, lse = _forward(cfg, q, k, v, qs, ks, meta)
     return out, (q, k, v, qs, ks, meta, out, lse)
 
 
-def _flash_bwd(cfg: _Config, residuals, d_out):
+def _flash_bwd(cfg: fb.FlashConfig, residuals, d_out):
     q, k, v, qs, ks, meta, out, lse = residuals
     # delta_i = sum_d dO_i O_i, the softmax Jacobian's row term; rows that saw nothing
     # have lse = -inf and every logit -inf, so shifting by 0 gives p = 0 there.
@@ -596,35 +410,23 @@ def pallas_tpu_attention(
             f"{platform!r}); pass interpret=True to run it in the Pallas interpreter"
         )
     bq, bk = _block_sizes(spec, on_tpu=platform == "tpu" and not interpret)
-    cfg = _Config(
+    cfg = fb.FlashConfig(
         causal=spec.causal, window=spec.sliding_window, scale=spec.scale,
         q_len=spec.q_len, kv_len=spec.kv_len, bq=bq, bk=bk, groups=spec.groups,
         segmented=q_segment_ids is not None, interpret=bool(interpret),
     )
     q_pad, kv_pad = cfg.nq * bq - spec.q_len, cfg.nk * bk - spec.kv_len
-    qt, kt, vt = (_heads_major(x, pad) for x, pad in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
+    qt, kt, vt = (fb.heads_major(x, pad) for x, pad in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
     qs = ks = None
     if cfg.segmented:
-        qs = _edge_pad(q_segment_ids.astype(jnp.int32), q_pad)
-        ks = _edge_pad(kv_segment_ids.astype(jnp.int32), kv_pad)
-    meta = _block_meta(cfg, spec.batch, qs, ks)
+        qs = fb.edge_pad(q_segment_ids.astype(jnp.int32), q_pad)
+        ks = fb.edge_pad(kv_segment_ids.astype(jnp.int32), kv_pad)
+    meta = fb.block_meta(cfg, spec.batch, qs, ks)
     if cfg.segmented:
         qs = jnp.broadcast_to(qs[:, :, None], (*qs.shape, NUM_LANES))
         ks = jnp.broadcast_to(ks[:, None, :], (ks.shape[0], NUM_SUBLANES, ks.shape[1]))
     out = _flash(cfg, qt, kt, vt, qs, ks, meta)
     return out.transpose(0, 2, 1, 3)[:, : spec.q_len]
-
-
-def _heads_major(x: jax.Array, pad: int) -> jax.Array:
-    """``[b, T, H, d]`` → ``[b, H, T + pad, d]`` (zeros in the padding)."""
-    if pad:
-        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    return x.transpose(0, 2, 1, 3)
-
-
-def _edge_pad(ids: jax.Array, pad: int) -> jax.Array:
-    """Pads ids with their last value, so per-block id ranges stay those of real tokens."""
-    return jnp.pad(ids, ((0, 0), (0, pad)), mode="edge") if pad else ids
 
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "pallas_tpu_attention"]
