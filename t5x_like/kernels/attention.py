@@ -335,7 +335,10 @@ def _cudnn_rows_that_see_a_key(q_segment_ids, kv_segment_ids, spec: AttentionSpe
 # jax.experimental.pallas is slow, and most runs never call them. Each module
 # registers its real backend on import, replacing the stub registered here.
 
-_PALLAS_MODULES = {"pallas_tpu": "t5x_like.kernels.pallas_tpu"}
+_PALLAS_MODULES = {
+    "pallas_tpu": "t5x_like.kernels.pallas_tpu",
+    "pallas_gpu": "t5x_like.kernels.pallas_gpu",
+}
 
 
 def _lazy_backend(name: str, module: str) -> Backend:
@@ -357,15 +360,9 @@ register("ring")(_lazy_backend("ring", "t5x_like.kernels.ring"))
 
 @register("pallas")
 def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):
-    """The platform's Pallas kernel: pltpu on TPU, and on CPU with ``interpret=True``."""
-    name = "pallas_tpu"
-    if jax.default_backend() == "gpu":
-        name = "pallas_gpu"
-        if name not in IMPLEMENTATIONS:
-            raise NotImplementedError(
-                "implementation='pallas' on a GPU needs the Pallas GPU kernel ('pallas_gpu'), "
-                "which t5x_like does not have yet; use 'cudnn' (bf16/fp16), 'chunked' or 'xla'"
-            )
+    """The platform's Pallas kernel: Mosaic GPU on a GPU, pltpu on TPU and, with
+    ``interpret=True``, on CPU (the GPU kernel runs on CPU as ``"pallas_gpu"``)."""
+    name = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_tpu"
     return IMPLEMENTATIONS[name](q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret)
 
 

@@ -1,0 +1,556 @@
+"""Flash attention as a Pallas Mosaic GPU kernel (Hopper wgmma), forward and backward.
+
+Registered as ``implementation="pallas_gpu"`` and reached through ``"pallas"`` on an
+NVIDIA GPU; with ``interpret=True`` it runs on CPU in Mosaic GPU's interpret mode
+(which simulates shared memory, TMA copies, barriers and wgmma). Semantics are those
+of ``t5x_like.kernels.attention`` (top-left causal, sliding window, segment ids, zeros
+and zero gradients for rows that see no key); the block bookkeeping is shared with
+the TPU kernel (``kernels/flash_blocks.py``).
+
+* **Forward**: one warpgroup per (q block, head, batch row). The q block goes to
+  SMEM once; the kv blocks of the row's visible range stream through a ring of
+  ``stages`` SMEM slots by TMA (block ``t + stages - 1`` is requested while block
+  ``t`` computes); ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
+  accumulators in registers) with an online softmax in between. Out and the per-row
+  logsumexp are written once, through SMEM, by TMA.
+* **Backward** (``jax.custom_vjp``, logsumexp saved): a dq kernel (per q block, over
+  its visible kv blocks) and a dk/dv kernel (per kv block and kv head, over the query
+  heads of the group and their visible q blocks, so GQA needs no copies of k/v and no
+  sum over repeats). Split for the reason the TPU kernel gives: a fused kernel would
+  have to add dq contributions into blocks other CTAs own.
+* **Block skipping**: each program walks only the first..last visible block of its
+  row (causal triangle, window band, disjoint segment-id ranges; ``block_meta``), so
+  skipped blocks are neither fetched nor computed. Blocks inside that range that see
+  nothing (a gap between documents with unsorted ids) are computed, fully masked.
+* **Layout**: wgmma reads B as a row-major ``[K, N]`` SMEM tile, and Mosaic GPU's
+  interpret mode does not model transposed SMEM views, so the operands a product
+  needs transposed (``k^T`` and ``v^T`` for the forward and dq, ``q^T`` and ``dO^T``
+  for dk/dv) are transposed once in HBM by XLA before the kernels (one extra pass
+  over each, small beside attention's quadratic work). Everything is heads-major
+  ``[b, heads, length, d]``; lengths are padded up to the block sizes and masked.
+
+Constraints: bf16 or fp16 inputs (Hopper's tensor cores; an fp32 wgmma runs as
+tf32 and needs a K-major B, i.e. the transposed views interpret mode cannot check,
+so fp32 is refused with a pointer to the alternatives), ``head_dim`` a multiple of
+64 (64, 128, 256), block sizes multiples of 64. This kernel has been tested in
+interpret mode only: it has not yet been compiled for or run on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from t5x_like.kernels import attention
+from t5x_like.kernels import flash_blocks as fb
+
+WGMMA_ROWS = 64  # Hopper's wgmma M; block sizes are multiples of it
+SWIZZLE_BYTES = 128
+SMEM_BUDGET_BYTES = 200 * 1024  # of H100 / H200's 227 KiB per block, leaving headroom
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _block_sizes(spec: attention.AttentionSpec) -> tuple[int, int]:
+    """``spec.block_sizes`` or defaults (64 query rows: one warpgroup's wgmma; 128
+    keys up to head_dim 128, 64 beyond, to keep the fp32 tiles in registers)."""
+    if spec.block_sizes is None:
+        return WGMMA_ROWS, 128 if spec.head_dim <= 128 else WGMMA_ROWS
+    bq, bk = spec.block_sizes
+    if bq % WGMMA_ROWS or bk % WGMMA_ROWS:
+        raise ValueError(
+            f"implementation='pallas_gpu' needs block sizes that are multiples of "
+            f"{WGMMA_ROWS} (the wgmma tile), got block_sizes={spec.block_sizes}"
+        )
+    return bq, bk
+
+
+def _check_inputs(q: jax.Array, spec: attention.AttentionSpec, interpret: bool) -> None:
+    # fp32 is let through in interpret mode only, where wgmma computes exactly in
+    # fp32: the tests check the algorithm there at fp32 tolerances. The GPU
+    # code path is the same, but a Hopper fp32 wgmma needs layouts this kernel lacks.
+    if q.dtype not in SUPPORTED_DTYPES and not (interpret and q.dtype == jnp.float32):
+        raise ValueError(
+            f"implementation='pallas_gpu' takes bf16 or fp16 q/k/v (Hopper tensor cores), "
+            f"got {q.dtype}; cast the inputs, or use implementation='chunked' or 'xla' for fp32"
+        )
+    if spec.head_dim % WGMMA_ROWS:
+        raise ValueError(
+            f"implementation='pallas_gpu' needs head_dim a multiple of {WGMMA_ROWS} "
+            f"(64, 128, 256), got {spec.head_dim}; use 'chunked' or 'cudnn'"
+        )
+
+
+def _stages(fixed_bytes: int, bytes_per_stage: int) -> int:
+    """Double-buffer the streamed blocks when SMEM allows, else one slot."""
+    return 2 if fixed_bytes + 2 * bytes_per_stage <= SMEM_BUDGET_BYTES else 1
+
+
+def _tile(dtype) -> tuple:
+    """SMEM transforms of a 2-D wgmma operand: 8-row tiles one swizzle wide."""
+    columns = SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, columns)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
+
+
+def _interpret_params(interpret: bool):
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+# ------------------------------------------------------------- in-kernel helpers
+
+
+def _mma(a, b, shape):
+    """``a @ b`` on the tensor cores, fp32, in the wgmma register layout.
+
+    ``a``: an SMEM ref ``[M, K]``; ``b``: an SMEM ref ``[K, N]``. Accumulators are added to outside (``acc + _mma(...)``) rather than
+    fed back through ``pl.run_state``, which Mosaic GPU's interpret mode cannot run;
+    the price is one register add per product.
+    """
+
+    def product(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        return acc_ref[...]
+
+    return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+# Register layouts: Mosaic GPU needs loop carries and loaded vectors in the layout of
+# a wgmma result (rows / columns of it for vectors). Its interpret mode has no layouts
+# (and cannot run ``layout_cast``), so these hints are dropped there.
+
+
+def _in_layout(cfg: fb.FlashConfig, x, layout):
+    return x if cfg.interpret else plgpu.layout_cast(x, layout)
+
+
+def _mma_staged(x, staging, b):
+    """``x @ b`` for a register tile ``x``: staged through SMEM, because Mosaic GPU's
+    interpret mode runs wgmma only on SMEM operands (on Hopper wgmma could read
+    ``x`` from registers and save this round trip)."""
+    staging[...] = x.astype(staging.dtype)
+    plgpu.commit_smem()  # make the stores visible to the tensor cores' async proxy
+    return _mma(staging, b, (staging.shape[0], b.shape[-1]))
+
+
+def _zeros(cfg: fb.FlashConfig, shape):
+    return _in_layout(cfg, jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _row_vector(cfg: fb.FlashConfig, value, rows: int):
+    """A per-row fp32 vector in the layout of a wgmma result's rows."""
+    return _in_layout(cfg, jnp.full((rows,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+
+def _vector(cfg: fb.FlashConfig, ref, axis: int):
+    """A 1-D SMEM vector laid out to broadcast along ``axis`` of a wgmma tile
+    (``axis=1``: one value per row; ``axis=0``: one value per column)."""
+    if cfg.interpret:
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+
+
+def _iota(cfg: fb.FlashConfig, shape, axis: int):
+    if cfg.interpret:
+        return lax.broadcasted_iota(jnp.int32, shape, axis)
+    return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+
+
+def _spread(vector, shape, axis: int):
+    """``vector`` broadcast over a ``shape`` tile: along the rows (``axis=0``: the
+    vector indexes rows) or the columns (``axis=1``)."""
+    return lax.broadcast_in_dim(vector, shape, [axis])
+
+
+def _stream_loop(n, stages: int, streams, step, carry):
+    """Runs ``step(t, buffers, carry)`` for ``t < n`` while TMA streams the blocks.
+
+    ``streams``: ``(source(t) -> GMEM view, SMEM ring [stages, ...], barriers
+    [stages])`` triples. Block ``t + stages - 1`` is requested before block ``t`` is
+    computed; its slot held block ``t - 1``, whose wgmmas have completed (every
+    product's result is read before the step returns).
+    """
+
+    def fetch(t):
+        slot = t % stages
+        for source, ring, barriers in streams:
+            plgpu.copy_gmem_to_smem(source(t), ring.at[slot], barriers.at[slot])
+
+    for t in range(stages - 1):
+        pl.when(t < n)(functools.partial(fetch, t))
+
+    def body(t, carry):
+        pl.when(t + stages - 1 < n)(lambda: fetch(t + stages - 1))
+        slot = t % stages
+        for _, ring, barriers in streams:
+            plgpu.barrier_wait(barriers.at[slot])
+        return step(t, [ring.at[slot] for _, ring, _ in streams], carry)
+
+    return lax.fori_loop(0, n, body, carry)
+
+
+def _visible_logits(cfg: fb.FlashConfig, s, q_pos, kv_pos, q_ids, kv_ids):
+    """Scaled logits with invisible pairs at -inf (no masking work when nothing can be
+    masked: no causal / window / segments / padding)."""
+    s = s * jnp.float32(cfg.scale)
+    if not (cfg.causal or cfg.window is not None or cfg.segmented or cfg.q_padded
+            or cfg.kv_padded):
+        return s
+    return jnp.where(fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids), s, -jnp.inf)
+
+
+def _row_range(lo, hi):
+    """Number of blocks in ``[lo, hi]`` (an empty range is ``(0, -1)``)."""
+    return jnp.maximum(hi - lo + 1, 0)
+
+
+def _write(value, smem, destination):
+    """``value`` to GMEM through an SMEM staging buffer (TMA store)."""
+    smem[...] = value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem, destination)
+
+
+# ------------------------------------------------------------------ forward
+
+
+def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
+    meta = fb.BlockMeta(*refs[:8])
+    q_ref, kt_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[8:15]
+    q_smem, p_smem, kt_ring, v_ring, qs_smem, ks_ring, lse_smem, q_bar, kt_bar, v_bar, ks_bar = refs[15:]
+    i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    kh = h // cfg.groups
+    r = b * cfg.nq + i
+    lo = meta.row_lo[r]
+    n = _row_range(lo, meta.row_hi[r])
+    q_rows = pl.ds(i * cfg.bq, cfg.bq)
+
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows], q_smem, q_bar.at[0])
+    streams = [
+        (lambda t: kt_ref.at[b, kh, :, pl.ds((lo + t) * cfg.bk, cfg.bk)], kt_ring, kt_bar),
+        (lambda t: v_ref.at[b, kh, pl.ds((lo + t) * cfg.bk, cfg.bk)], v_ring, v_bar),
+    ]
+    if cfg.segmented:
+        plgpu.copy_gmem_to_smem(qs_ref.at[b, q_rows], qs_smem, q_bar.at[1])
+        streams.append((lambda t: ks_ref.at[b, pl.ds((lo + t) * cfg.bk, cfg.bk)], ks_ring, ks_bar))
+    plgpu.barrier_wait(q_bar.at[0])
+    tile = (cfg.bq, cfg.bk)
+    q_ids = None
+    if cfg.segmented:
+        plgpu.barrier_wait(q_bar.at[1])
+        q_ids = _spread(_vector(cfg, qs_smem, 1), tile, 0)
+
+    def step(t, buffers, carry):
+        acc, m, l = carry
+        kt, v = buffers[0], buffers[1]
+        j = lo + t
+        kv_ids = _spread(_vector(cfg, buffers[2], 0), tile, 1) if cfg.segmented else None
+        s = _visible_logits(
+            cfg, _mma(q_smem, kt, tile), i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1),
+            q_ids, kv_ids,
+        )
+        m_new = jnp.maximum(m, s.max(axis=1))
+        # A row that has seen nothing yet keeps m = -inf: shift by 0 so exp gives zeros.
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - _spread(shift, tile, 0))
+        rescale = jnp.exp(m - shift)
+        l = l * rescale + p.sum(axis=1)
+        acc = acc * _spread(rescale, acc.shape, 0)
+        acc = acc + _mma_staged(p, p_smem, v)
+        return acc, m_new, l
+
+    init = (_zeros(cfg, (cfg.bq, q_smem.shape[-1])), _row_vector(cfg, -jnp.inf, cfg.bq), _row_vector(cfg, 0.0, cfg.bq))
+    acc, m, l = _stream_loop(n, stages, streams, step, init)
+    seen = l > 0
+    l_safe = jnp.where(seen, l, 1.0)
+    _write((acc / _spread(l_safe, acc.shape, 0)).astype(q_smem.dtype), q_smem, o_ref.at[b, h, q_rows])
+    _write(jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), lse_smem, lse_ref.at[b, h, q_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _forward(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
+    """q ``[b, H, Tq, d]``, k/v ``[b, K, Tk, d]`` (padded) → out (q dtype), lse ``[b, H, Tq]``."""
+    batch, heads, tq, d = q.shape
+    dtype, item = q.dtype, q.dtype.itemsize
+    tile = _tile(dtype)
+    stages = _stages((cfg.bq * d + cfg.bq * cfg.bk) * item, 2 * cfg.bk * d * item)
+    scratch = [
+        plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # q, then the output
+        plgpu.SMEM((cfg.bq, cfg.bk), dtype, transforms=tile),  # probabilities
+        plgpu.SMEM((stages, d, cfg.bk), dtype, transforms=tile),  # k^T ring
+        plgpu.SMEM((stages, cfg.bk, d), dtype, transforms=tile),  # v ring
+        plgpu.SMEM((cfg.bq,), jnp.int32),  # q segment ids
+        plgpu.SMEM((stages, cfg.bk), jnp.int32),  # kv segment ids ring
+        plgpu.SMEM((cfg.bq,), jnp.float32),  # logsumexp
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+    ]
+    return plgpu.kernel(
+        lambda *refs: _fwd_body(cfg, stages, refs),
+        out_type=[
+            jax.ShapeDtypeStruct(q.shape, dtype),
+            jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32),
+        ],
+        scratch_types=scratch,
+        grid=(cfg.nq, heads, batch),
+        grid_names=("q", "h", "b"),
+        interpret=_interpret_params(cfg.interpret),
+    )(*meta, q, jnp.swapaxes(k, 2, 3), v, *_segment_args(cfg, qs, ks))
+
+
+def _segment_args(cfg: fb.FlashConfig, qs, ks):
+    """Segment ids, or 1-element placeholders the kernel never reads (no segments)."""
+    if cfg.segmented:
+        return qs, ks
+    return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+
+
+# ------------------------------------------------------------------ backward
+
+
+def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
+    meta = fb.BlockMeta(*refs[:8])
+    q_ref, do_ref, lse_ref, delta_ref, kt_ref, vt_ref, k_ref, qs_ref, ks_ref, dq_ref = refs[8:18]
+    (q_smem, do_smem, ds_smem, lse_smem, delta_smem, qs_smem, kt_ring, vt_ring, k_ring, ks_ring,
+     q_bar, kt_bar, vt_bar, k_bar, ks_bar) = refs[18:]
+    i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    kh = h // cfg.groups
+    r = b * cfg.nq + i
+    lo = meta.row_lo[r]
+    n = _row_range(lo, meta.row_hi[r])
+    q_rows = pl.ds(i * cfg.bq, cfg.bq)
+
+    row_inputs = [(q_ref.at[b, h, q_rows], q_smem), (do_ref.at[b, h, q_rows], do_smem),
+                  (lse_ref.at[b, h, q_rows], lse_smem), (delta_ref.at[b, h, q_rows], delta_smem)]
+    if cfg.segmented:
+        row_inputs.append((qs_ref.at[b, q_rows], qs_smem))
+    for slot, (source, smem) in enumerate(row_inputs):
+        plgpu.copy_gmem_to_smem(source, smem, q_bar.at[slot])
+    kv_cols = lambda t: pl.ds((lo + t) * cfg.bk, cfg.bk)  # noqa: E731
+    streams = [
+        (lambda t: kt_ref.at[b, kh, :, kv_cols(t)], kt_ring, kt_bar),
+        (lambda t: vt_ref.at[b, kh, :, kv_cols(t)], vt_ring, vt_bar),
+        (lambda t: k_ref.at[b, kh, kv_cols(t)], k_ring, k_bar),
+    ]
+    if cfg.segmented:
+        streams.append((lambda t: ks_ref.at[b, kv_cols(t)], ks_ring, ks_bar))
+    for slot in range(len(row_inputs)):
+        plgpu.barrier_wait(q_bar.at[slot])
+    tile = (cfg.bq, cfg.bk)
+    lse = _spread(_vector(cfg, lse_smem, 1), tile, 0)
+    delta = _spread(_vector(cfg, delta_smem, 1), tile, 0)
+    q_ids = _spread(_vector(cfg, qs_smem, 1), tile, 0) if cfg.segmented else None
+
+    def step(t, buffers, dq):
+        kt, vt, k = buffers[:3]
+        kv_ids = _spread(_vector(cfg, buffers[3], 0), tile, 1) if cfg.segmented else None
+        s = _visible_logits(
+            cfg, _mma(q_smem, kt, tile), i * cfg.bq + _iota(cfg, tile, 0),
+            (lo + t) * cfg.bk + _iota(cfg, tile, 1), q_ids, kv_ids,
+        )
+        p = jnp.exp(s - lse)
+        dp = _mma(do_smem, vt, tile)
+        ds = p * (dp - delta) * jnp.float32(cfg.scale)
+        return dq + _mma_staged(ds, ds_smem, k)
+
+    dq = _stream_loop(n, stages, streams, step, _zeros(cfg, (cfg.bq, q_smem.shape[-1])))
+    _write(dq.astype(q_smem.dtype), q_smem, dq_ref.at[b, h, q_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_body(cfg: fb.FlashConfig, stages: int, refs):
+    meta = fb.BlockMeta(*refs[:8])
+    (k_ref, v_ref, q_ref, qt_ref, do_ref, dot_ref, lse_ref, delta_ref, qs_ref, ks_ref,
+     dk_ref, dv_ref) = refs[8:20]
+    (k_smem, v_smem, st_smem, ks_smem, q_ring, qt_ring, do_ring, dot_ring, lse_ring, delta_ring, qs_ring,
+     kv_bar, *ring_bars) = refs[20:]
+    j, kh, b = lax.axis_index("kv"), lax.axis_index("kh"), lax.axis_index("b")
+    c = b * cfg.nk + j
+    lo = meta.col_lo[c]
+    per_head = _row_range(lo, meta.col_hi[c])
+    kv_rows = pl.ds(j * cfg.bk, cfg.bk)
+
+    block_inputs = [(k_ref.at[b, kh, kv_rows], k_smem), (v_ref.at[b, kh, kv_rows], v_smem)]
+    if cfg.segmented:
+        block_inputs.append((ks_ref.at[b, kv_rows], ks_smem))
+    for slot, (source, smem) in enumerate(block_inputs):
+        plgpu.copy_gmem_to_smem(source, smem, kv_bar.at[slot])
+
+    # Step t walks query head kh * groups + t // per_head, q block lo + t % per_head.
+    def head(t):
+        return kh * cfg.groups + t // jnp.maximum(per_head, 1)
+
+    def q_block(t):
+        return lo + t % jnp.maximum(per_head, 1)
+
+    def rows(t):
+        return pl.ds(q_block(t) * cfg.bq, cfg.bq)
+
+    rings = [
+        (lambda t: q_ref.at[b, head(t), rows(t)], q_ring),
+        (lambda t: qt_ref.at[b, head(t), :, rows(t)], qt_ring),
+        (lambda t: do_ref.at[b, head(t), rows(t)], do_ring),
+        (lambda t: dot_ref.at[b, head(t), :, rows(t)], dot_ring),
+        (lambda t: lse_ref.at[b, head(t), rows(t)], lse_ring),
+        (lambda t: delta_ref.at[b, head(t), rows(t)], delta_ring),
+    ]
+    if cfg.segmented:
+        rings.append((lambda t: qs_ref.at[b, rows(t)], qs_ring))
+    streams = [(source, ring, bar) for (source, ring), bar in zip(rings, ring_bars)]
+    for slot in range(len(block_inputs)):
+        plgpu.barrier_wait(kv_bar.at[slot])
+    # Transposed tiles: rows are keys, columns queries.
+    tile = (cfg.bk, cfg.bq)
+    kv_ids = _spread(_vector(cfg, ks_smem, 1), tile, 0) if cfg.segmented else None
+
+    def step(t, buffers, carry):
+        dk, dv = carry
+        q, qt, do, dot, lse_col, delta_col = buffers[:6]
+        q_ids = _spread(_vector(cfg, buffers[6], 0), tile, 1) if cfg.segmented else None
+        st = _visible_logits(
+            cfg, _mma(k_smem, qt, tile), q_block(t) * cfg.bq + _iota(cfg, tile, 1),
+            j * cfg.bk + _iota(cfg, tile, 0), q_ids, kv_ids,
+        )
+        pt = jnp.exp(st - _spread(_vector(cfg, lse_col, 0), tile, 1))
+        dv = dv + _mma_staged(pt, st_smem, do)
+        dpt = _mma(v_smem, dot, tile)
+        dst = pt * (dpt - _spread(_vector(cfg, delta_col, 0), tile, 1)) * jnp.float32(cfg.scale)
+        dk = dk + _mma_staged(dst, st_smem, q)
+        return dk, dv
+
+    d = k_smem.shape[-1]
+    dk, dv = _stream_loop(
+        per_head * cfg.groups, stages, streams, step, (_zeros(cfg, (cfg.bk, d)), _zeros(cfg, (cfg.bk, d)))
+    )
+    _write(dk.astype(k_smem.dtype), k_smem, dk_ref.at[b, kh, kv_rows])
+    _write(dv.astype(v_smem.dtype), v_smem, dv_ref.at[b, kh, kv_rows])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.BlockMeta):
+    batch, heads, tq, d = q.shape
+    kv_heads = k.shape[1]
+    dtype, item = q.dtype, q.dtype.itemsize
+    tile = _tile(dtype)
+    interpret = _interpret_params(cfg.interpret)
+    qt, dot, kt, vt = (jnp.swapaxes(x, 2, 3) for x in (q, do, k, v))
+    segments = _segment_args(cfg, qs, ks)
+
+    dq_stages = _stages((2 * cfg.bq * d + cfg.bq * cfg.bk) * item, 3 * cfg.bk * d * item)
+    dq = plgpu.kernel(
+        lambda *refs: _dq_body(cfg, dq_stages, refs),
+        out_type=jax.ShapeDtypeStruct(q.shape, dtype),
+        scratch_types=[
+            plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # q, then dq
+            plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # dO
+            plgpu.SMEM((cfg.bq, cfg.bk), dtype, transforms=tile),  # dS
+            plgpu.SMEM((cfg.bq,), jnp.float32),  # logsumexp
+            plgpu.SMEM((cfg.bq,), jnp.float32),  # delta
+            plgpu.SMEM((cfg.bq,), jnp.int32),  # q segment ids
+            plgpu.SMEM((dq_stages, d, cfg.bk), dtype, transforms=tile),  # k^T ring
+            plgpu.SMEM((dq_stages, d, cfg.bk), dtype, transforms=tile),  # v^T ring
+            plgpu.SMEM((dq_stages, cfg.bk, d), dtype, transforms=tile),  # k ring
+            plgpu.SMEM((dq_stages, cfg.bk), jnp.int32),  # kv segment ids ring
+            plgpu.Barrier(num_barriers=5),
+            *(plgpu.Barrier(num_barriers=dq_stages) for _ in range(4)),
+        ],
+        grid=(cfg.nq, heads, batch),
+        grid_names=("q", "h", "b"),
+        interpret=interpret,
+    )(*meta, q, do, lse, delta, kt, vt, k, *segments)
+
+    dkv_stages = _stages((2 * cfg.bk * d + cfg.bk * cfg.bq) * item, 4 * cfg.bq * d * item)
+    ring = lambda shape, dt=dtype, **kw: plgpu.SMEM((dkv_stages, *shape), dt, **kw)  # noqa: E731
+    dk, dv = plgpu.kernel(
+        lambda *refs: _dkv_body(cfg, dkv_stages, refs),
+        out_type=[jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype)],
+        scratch_types=[
+            plgpu.SMEM((cfg.bk, d), dtype, transforms=tile),  # k, then dk
+            plgpu.SMEM((cfg.bk, d), dtype, transforms=tile),  # v, then dv
+            plgpu.SMEM((cfg.bk, cfg.bq), dtype, transforms=tile),  # P^T, then dS^T
+            plgpu.SMEM((cfg.bk,), jnp.int32),  # kv segment ids
+            ring((cfg.bq, d), transforms=tile),  # q
+            ring((d, cfg.bq), transforms=tile),  # q^T
+            ring((cfg.bq, d), transforms=tile),  # dO
+            ring((d, cfg.bq), transforms=tile),  # dO^T
+            ring((cfg.bq,), jnp.float32),  # logsumexp
+            ring((cfg.bq,), jnp.float32),  # delta
+            ring((cfg.bq,), jnp.int32),  # q segment ids
+            plgpu.Barrier(num_barriers=3),
+            *(plgpu.Barrier(num_barriers=dkv_stages) for _ in range(7)),
+        ],
+        grid=(cfg.nk, kv_heads, batch),
+        grid_names=("kv", "kh", "b"),
+        interpret=interpret,
+    )(*meta, k, v, q, qt, do, dot, lse, delta, *segments)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------ custom_vjp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
+    return _forward(cfg, q, k, v, qs, ks, meta)[0]
+
+
+def _flash_fwd(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
+    out, lse = _forward(cfg, q, k, v, qs, ks, meta)
+    return out, (q, k, v, qs, ks, meta, out, lse)
+
+
+def _flash_bwd(cfg: fb.FlashConfig, residuals, d_out):
+    q, k, v, qs, ks, meta, out, lse = residuals
+    # delta_i = sum_d dO_i O_i; rows that saw nothing have lse = -inf and every logit
+    # -inf, so shifting by 0 gives p = 0 there.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    dq, dk, dv = _backward(cfg, q, k, v, d_out.astype(q.dtype), lse, delta, qs, ks, meta)
+    return dq, dk, dv, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ------------------------------------------------------------------ entry point
+
+
+@attention.register("pallas_gpu")
+def pallas_gpu_attention(
+    q, k, v, q_segment_ids, kv_segment_ids, spec: attention.AttentionSpec, *, interpret
+):
+    """The ``attention.Backend`` for NVIDIA Hopper GPUs (and CPU with ``interpret=True``)."""
+    platform = jax.default_backend()
+    if platform != "gpu" and not interpret:
+        raise ValueError(
+            f"implementation='pallas_gpu' compiles only for NVIDIA GPUs (jax's default backend "
+            f"is {platform!r}); pass interpret=True to run it in Mosaic GPU's interpreter"
+        )
+    _check_inputs(q, spec, bool(interpret))
+    bq, bk = _block_sizes(spec)
+    cfg = fb.FlashConfig(
+        causal=spec.causal, window=spec.sliding_window, scale=spec.scale,
+        q_len=spec.q_len, kv_len=spec.kv_len, bq=bq, bk=bk, groups=spec.groups,
+        segmented=q_segment_ids is not None, interpret=bool(interpret),
+    )
+    q_pad, kv_pad = cfg.nq * bq - spec.q_len, cfg.nk * bk - spec.kv_len
+    qh, kh, vh = (fb.heads_major(x, pad) for x, pad in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
+    qs = ks = None
+    if cfg.segmented:
+        qs = fb.edge_pad(q_segment_ids.astype(jnp.int32), q_pad)
+        ks = fb.edge_pad(kv_segment_ids.astype(jnp.int32), kv_pad)
+    meta = fb.block_meta(cfg, spec.batch, qs, ks)
+    out = _flash(cfg, qh, kh, vh, qs, ks, meta)
+    return out.transpose(0, 2, 1, 3)[:, : spec.q_len]
+
+
+__all__ = ["pallas_gpu_attention"]
