@@ -196,14 +196,15 @@ def _stream_loop(n, stages: int, streams, step, carry):
     return lax.fori_loop(0, n, body, carry)
 
 
-def _visible_logits(cfg: fb.FlashConfig, s, q_pos, kv_pos, q_ids, kv_ids):
-    """Scaled logits with invisible pairs at -inf (no masking work when nothing can be
-    masked: no causal / window / segments / padding)."""
+def _visible_logits(cfg: fb.FlashConfig, s, full, mask):
+    """Scaled logits with invisible pairs at -inf. ``mask()`` builds the block's
+    element mask; it runs only for blocks that are not ``full`` (all pairs visible),
+    and never when nothing can be masked (no causal / window / segments / padding)."""
     s = s * jnp.float32(cfg.scale)
     if not (cfg.causal or cfg.window is not None or cfg.segmented or cfg.q_padded
             or cfg.kv_padded):
         return s
-    return jnp.where(fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids), s, -jnp.inf)
+    return lax.cond(full, lambda s: s, lambda s: jnp.where(mask(), s, -jnp.inf), s)
 
 
 def _row_range(lo, hi):
@@ -251,11 +252,13 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
         acc, m, l = carry
         kt, v = buffers[0], buffers[1]
         j = lo + t
-        kv_ids = _spread(_vector(cfg, buffers[2], 0), tile, 1) if cfg.segmented else None
-        s = _visible_logits(
-            cfg, _mma(q_smem, kt, tile), i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1),
-            q_ids, kv_ids,
-        )
+
+        def mask():
+            kv_ids = _spread(_vector(cfg, buffers[2], 0), tile, 1) if cfg.segmented else None
+            q_pos, kv_pos = i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1)
+            return fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids)
+
+        s = _visible_logits(cfg, _mma(q_smem, kt, tile), fb.block_full(cfg, meta, b, i, j), mask)
         m_new = jnp.maximum(m, s.max(axis=1))
         # A row that has seen nothing yet keeps m = -inf: shift by 0 so exp gives zeros.
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -352,11 +355,14 @@ def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
 
     def step(t, buffers, dq):
         kt, vt, k = buffers[:3]
-        kv_ids = _spread(_vector(cfg, buffers[3], 0), tile, 1) if cfg.segmented else None
-        s = _visible_logits(
-            cfg, _mma(q_smem, kt, tile), i * cfg.bq + _iota(cfg, tile, 0),
-            (lo + t) * cfg.bk + _iota(cfg, tile, 1), q_ids, kv_ids,
-        )
+        j = lo + t
+
+        def mask():
+            kv_ids = _spread(_vector(cfg, buffers[3], 0), tile, 1) if cfg.segmented else None
+            q_pos, kv_pos = i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1)
+            return fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids)
+
+        s = _visible_logits(cfg, _mma(q_smem, kt, tile), fb.block_full(cfg, meta, b, i, j), mask)
         p = jnp.exp(s - lse)
         dp = _mma(do_smem, vt, tile)
         ds = p * (dp - delta) * jnp.float32(cfg.scale)
@@ -415,11 +421,14 @@ def _dkv_body(cfg: fb.FlashConfig, stages: int, refs):
     def step(t, buffers, carry):
         dk, dv = carry
         q, qt, do, dot, lse_col, delta_col = buffers[:6]
-        q_ids = _spread(_vector(cfg, buffers[6], 0), tile, 1) if cfg.segmented else None
-        st = _visible_logits(
-            cfg, _mma(k_smem, qt, tile), q_block(t) * cfg.bq + _iota(cfg, tile, 1),
-            j * cfg.bk + _iota(cfg, tile, 0), q_ids, kv_ids,
-        )
+        i = q_block(t)
+
+        def mask():
+            q_ids = _spread(_vector(cfg, buffers[6], 0), tile, 1) if cfg.segmented else None
+            q_pos, kv_pos = i * cfg.bq + _iota(cfg, tile, 1), j * cfg.bk + _iota(cfg, tile, 0)
+            return fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids)
+
+        st = _visible_logits(cfg, _mma(k_smem, qt, tile), fb.block_full(cfg, meta, b, i, j), mask)
         pt = jnp.exp(st - _spread(_vector(cfg, lse_col, 0), tile, 1))
         dv = dv + _mma_staged(pt, st_smem, do)
         dpt = _mma(v_smem, dot, tile)
