@@ -150,6 +150,19 @@ def test_pallas_dispatches_to_the_gpu_kernel_on_a_gpu(monkeypatch):
     assert calls == [{"interpret": False}]
 
 
+class _Ampere:
+    device_kind = "NVIDIA A100-SXM4-80GB"
+    compute_capability = "8.0"
+
+
+def test_gpus_before_hopper_are_refused(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda *a: [_Ampere()])
+    q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="Hopper GPU.*A100.*'cudnn'"):
+        dot_product_attention(q, q, q, implementation="pallas")
+
+
 def test_on_cpu_without_interpret_says_what_to_do():
     q = jnp.ones((1, 8, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="NVIDIA GPUs.*interpret=True"):
@@ -161,13 +174,17 @@ def test_on_cpu_without_interpret_says_what_to_do():
     [
         (jnp.float32, 64, None, "bf16 or fp16.*'chunked' or 'xla' for fp32"),
         (jnp.bfloat16, 96, None, "head_dim a multiple of 64"),
+        (jnp.bfloat16, 320, None, "head_dim a multiple of 64 up to 256"),
         (jnp.bfloat16, 64, (64, 48), "multiples of 64"),
+        (jnp.bfloat16, 64, (64, 512), "at most 256"),
+        (jnp.bfloat16, 256, (256, 256), "forward kernel with blocks .256, 256. needs 512 KiB"),
     ],
 )
 def test_unsupported_inputs_are_refused_before_compiling(monkeypatch, dtype, head_dim, blocks,
                                                          message):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    q = jnp.ones((1, 128, 2, head_dim), dtype)
+    monkeypatch.setattr(pallas_gpu, "_check_hopper", lambda: None)
+    q = jnp.ones((1, 512, 2, head_dim), dtype)
     with pytest.raises(ValueError, match=message):
         dot_product_attention(q, q, q, implementation="pallas_gpu", block_sizes=blocks)
 
@@ -190,6 +207,7 @@ def test_forward_and_backward_lower_to_mosaic_gpu(monkeypatch, dtype, b, tq, tk,
     layouts, wgmma operand and tiling rules, TMA shapes), which interpret mode skips;
     only PTX compilation and running remain for a GPU."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas_gpu, "_check_hopper", lambda: None)
     seg = jax.ShapeDtypeStruct((b, tq), jnp.int32) if segmented else None
     kv_seg = jax.ShapeDtypeStruct((b, tk), jnp.int32) if segmented else None
 

@@ -38,6 +38,7 @@ interpret mode only: it has not yet been compiled for or run on a GPU.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -50,9 +51,17 @@ from t5x_like.kernels import attention
 from t5x_like.kernels import flash_blocks as fb
 
 WGMMA_ROWS = 64  # Hopper's wgmma M; block sizes are multiples of it
+MAX_TILE = 256  # wgmma's N and TMA's box dimensions stop at 256
 SWIZZLE_BYTES = 128
-SMEM_BUDGET_BYTES = 200 * 1024  # of H100 / H200's 227 KiB per block, leaving headroom
+SMEM_BYTES = 227 * 1024  # per block on H100 / H200
+SMEM_BUDGET_BYTES = SMEM_BYTES - 8 * 1024  # leaves room for vectors, barriers, reduction scratch
+# The backward kernels take 64 keys per block whatever the forward's: dk and dv are two
+# fp32 [keys, head_dim] accumulators in one warpgroup's registers (255 per thread).
+BACKWARD_BLOCK_K = 64
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+# SMEM is sized for the 16-bit inputs a GPU runs; fp32 (interpret mode only) gets the
+# same ring depths, so the interpreter runs the GPU's pipeline shape.
+GPU_ITEM_BYTES = 2
 
 
 def _block_sizes(spec: attention.AttentionSpec) -> tuple[int, int]:
@@ -61,10 +70,11 @@ def _block_sizes(spec: attention.AttentionSpec) -> tuple[int, int]:
     if spec.block_sizes is None:
         return WGMMA_ROWS, 128 if spec.head_dim <= 128 else WGMMA_ROWS
     bq, bk = spec.block_sizes
-    if bq % WGMMA_ROWS or bk % WGMMA_ROWS:
+    if bq % WGMMA_ROWS or bk % WGMMA_ROWS or max(bq, bk) > MAX_TILE:
         raise ValueError(
             f"implementation='pallas_gpu' needs block sizes that are multiples of "
-            f"{WGMMA_ROWS} (the wgmma tile), got block_sizes={spec.block_sizes}"
+            f"{WGMMA_ROWS} (the wgmma tile) and at most {MAX_TILE}, got "
+            f"block_sizes={spec.block_sizes}"
         )
     return bq, bk
 
@@ -78,15 +88,36 @@ def _check_inputs(q: jax.Array, spec: attention.AttentionSpec, interpret: bool) 
             f"implementation='pallas_gpu' takes bf16 or fp16 q/k/v (Hopper tensor cores), "
             f"got {q.dtype}; cast the inputs, or use implementation='chunked' or 'xla' for fp32"
         )
-    if spec.head_dim % WGMMA_ROWS:
+    if spec.head_dim % WGMMA_ROWS or spec.head_dim > MAX_TILE:
         raise ValueError(
-            f"implementation='pallas_gpu' needs head_dim a multiple of {WGMMA_ROWS} "
-            f"(64, 128, 256), got {spec.head_dim}; use 'chunked' or 'cudnn'"
+            f"implementation='pallas_gpu' needs head_dim a multiple of {WGMMA_ROWS} up to "
+            f"{MAX_TILE} (64, 128, 192, 256), got {spec.head_dim}; use 'chunked' or 'cudnn'"
+        )
+    if not interpret:
+        _check_hopper()
+
+
+def _check_hopper() -> None:
+    """wgmma and TMA exist on Hopper (sm_90) only: say so before Mosaic fails."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if capability is None or not str(capability).startswith("9."):
+        raise ValueError(
+            f"implementation='pallas_gpu' needs an NVIDIA Hopper GPU (compute capability "
+            f"9.x: wgmma, TMA); {device.device_kind!r} has {capability}. Use "
+            f"implementation='cudnn' (bf16 / fp16) or 'chunked'"
         )
 
 
-def _stages(fixed_bytes: int, bytes_per_stage: int) -> int:
-    """Double-buffer the streamed blocks when SMEM allows, else one slot."""
+def _stages(kernel: str, cfg: fb.FlashConfig, fixed_bytes: int, bytes_per_stage: int) -> int:
+    """Double-buffer the streamed blocks when SMEM allows, else one slot; refuse block
+    sizes that do not fit even so, before Mosaic's own error."""
+    if fixed_bytes + bytes_per_stage > SMEM_BUDGET_BYTES:
+        raise ValueError(
+            f"implementation='pallas_gpu': the {kernel} kernel with blocks ({cfg.bq}, "
+            f"{cfg.bk}) needs {(fixed_bytes + bytes_per_stage) // 1024} KiB of shared memory, "
+            f"over the {SMEM_BUDGET_BYTES // 1024} KiB it may use; pass smaller block_sizes"
+        )
     return 2 if fixed_bytes + 2 * bytes_per_stage <= SMEM_BUDGET_BYTES else 1
 
 
@@ -108,18 +139,36 @@ def _interpret_params(interpret: bool):
 
 
 def _mma(a, b, shape):
-    """``a @ b`` on the tensor cores, fp32, in the wgmma register layout.
-
-    ``a``: an SMEM ref ``[M, K]``; ``b``: an SMEM ref ``[K, N]``. Accumulators are added to outside (``acc + _mma(...)``) rather than
-    fed back through ``pl.run_state``, which Mosaic GPU's interpret mode cannot run;
-    the price is one register add per product.
-    """
+    """``a @ b`` on the tensor cores from SMEM operands ``a`` ``[M, K]`` and ``b``
+    ``[K, N]``: a fresh fp32 tile in the wgmma register layout."""
 
     def product(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
         return acc_ref[...]
 
     return pl.run_scoped(product, plgpu.ACC(shape, jnp.float32))
+
+
+def _mma_add(cfg: fb.FlashConfig, acc, x, staging, b):
+    """``acc + x @ b`` for a register tile ``x`` (cast to the 16-bit input type).
+
+    On a GPU, as FA3 does: wgmma reads ``x`` from registers and accumulates into
+    ``acc`` in place (no second accumulator live, no SMEM round trip). Mosaic GPU's
+    interpret mode runs wgmma only on SMEM operands and cannot run ``pl.run_state``,
+    so there ``x`` goes through the ``staging`` SMEM tile and the product is added:
+    the same fp32 accumulation of the same 16-bit operands. The GPU form is checked
+    by lowering for CUDA (tests), the arithmetic by the interpreter.
+    """
+    x = x.astype(staging.dtype)
+    if cfg.interpret:
+        staging[...] = x
+        plgpu.commit_smem()  # make the stores visible to the tensor cores' async proxy
+        return acc + _mma(staging, b, acc.shape)
+
+    def accumulate(acc_ref):
+        plgpu.wgmma(acc_ref, x, b)
+
+    return pl.run_state(accumulate)(plgpu.ACC.init(acc))
 
 
 # Register layouts: Mosaic GPU needs loop carries and loaded vectors in the layout of
@@ -129,15 +178,6 @@ def _mma(a, b, shape):
 
 def _in_layout(cfg: fb.FlashConfig, x, layout):
     return x if cfg.interpret else plgpu.layout_cast(x, layout)
-
-
-def _mma_staged(x, staging, b):
-    """``x @ b`` for a register tile ``x``: staged through SMEM, because Mosaic GPU's
-    interpret mode runs wgmma only on SMEM operands (on Hopper wgmma could read
-    ``x`` from registers and save this round trip)."""
-    staging[...] = x.astype(staging.dtype)
-    plgpu.commit_smem()  # make the stores visible to the tensor cores' async proxy
-    return _mma(staging, b, (staging.shape[0], b.shape[-1]))
 
 
 def _zeros(cfg: fb.FlashConfig, shape):
@@ -169,31 +209,45 @@ def _spread(vector, shape, axis: int):
     return lax.broadcast_in_dim(vector, shape, [axis])
 
 
-def _stream_loop(n, stages: int, streams, step, carry):
-    """Runs ``step(t, buffers, carry)`` for ``t < n`` while TMA streams the blocks.
+def _prefetch(n, stages: int, streams):
+    """Requests the first ``stages - 1`` blocks of ``streams`` (issue it before waiting
+    on anything else, so the ring fills while the rest loads).
 
     ``streams``: ``(source(t) -> GMEM view, SMEM ring [stages, ...], barriers
-    [stages])`` triples. Block ``t + stages - 1`` is requested before block ``t`` is
-    computed; its slot held block ``t - 1``, whose wgmmas have completed (every
-    product's result is read before the step returns).
+    [stages])`` triples, block ``t`` into slot ``t % stages``.
     """
-
-    def fetch(t):
-        slot = t % stages
-        for source, ring, barriers in streams:
-            plgpu.copy_gmem_to_smem(source(t), ring.at[slot], barriers.at[slot])
-
     for t in range(stages - 1):
-        pl.when(t < n)(functools.partial(fetch, t))
+        pl.when(t < n)(functools.partial(_fetch, stages, streams, t))
+
+
+def _fetch(stages: int, streams, t):
+    slot = t % stages
+    for source, ring, barriers in streams:
+        plgpu.copy_gmem_to_smem(source(t), ring.at[slot], barriers.at[slot])
+
+
+def _stream_loop(n, stages: int, streams, step, carry):
+    """Runs ``step(t, buffers, carry)`` for ``t < n`` while TMA streams the blocks
+    (after :func:`_prefetch`). Block ``t + stages - 1`` is requested before block
+    ``t`` is computed; its slot held block ``t - 1``, whose wgmmas have completed
+    (every product's result is read before the step returns)."""
 
     def body(t, carry):
-        pl.when(t + stages - 1 < n)(lambda: fetch(t + stages - 1))
+        pl.when(t + stages - 1 < n)(lambda: _fetch(stages, streams, t + stages - 1))
         slot = t % stages
         for _, ring, barriers in streams:
             plgpu.barrier_wait(barriers.at[slot])
         return step(t, [ring.at[slot] for _, ring, _ in streams], carry)
 
     return lax.fori_loop(0, n, body, carry)
+
+
+def _query_block(cfg: fb.FlashConfig):
+    """This program's q block. The last grid axis is the fastest-launched, so the
+    programs that run together share a head's k/v; causal runs take the longest rows
+    (last q blocks) first, for a shorter tail."""
+    i = lax.axis_index("q")
+    return cfg.nq - 1 - i if cfg.causal else i
 
 
 def _visible_logits(cfg: fb.FlashConfig, s, full, mask):
@@ -226,7 +280,7 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
     meta = fb.BlockMeta(*refs[:8])
     q_ref, kt_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[8:15]
     q_smem, p_smem, kt_ring, v_ring, qs_smem, ks_ring, lse_smem, q_bar, kt_bar, v_bar, ks_bar = refs[15:]
-    i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    i, h, b = _query_block(cfg), lax.axis_index("h"), lax.axis_index("b")
     kh = h // cfg.groups
     r = b * cfg.nq + i
     lo = meta.row_lo[r]
@@ -241,6 +295,7 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
     if cfg.segmented:
         plgpu.copy_gmem_to_smem(qs_ref.at[b, q_rows], qs_smem, q_bar.at[1])
         streams.append((lambda t: ks_ref.at[b, pl.ds((lo + t) * cfg.bk, cfg.bk)], ks_ring, ks_bar))
+    _prefetch(n, stages, streams)
     plgpu.barrier_wait(q_bar.at[0])
     tile = (cfg.bq, cfg.bk)
     q_ids = None
@@ -266,7 +321,7 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
         rescale = jnp.exp(m - shift)
         l = l * rescale + p.sum(axis=1)
         acc = acc * _spread(rescale, acc.shape, 0)
-        acc = acc + _mma_staged(p, p_smem, v)
+        acc = _mma_add(cfg, acc, p, p_smem, v)
         return acc, m_new, l
 
     init = (_zeros(cfg, (cfg.bq, q_smem.shape[-1])), _row_vector(cfg, -jnp.inf, cfg.bq), _row_vector(cfg, 0.0, cfg.bq))
@@ -281,9 +336,9 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
 def _forward(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
     """q ``[b, H, Tq, d]``, k/v ``[b, K, Tk, d]`` (padded) → out (q dtype), lse ``[b, H, Tq]``."""
     batch, heads, tq, d = q.shape
-    dtype, item = q.dtype, q.dtype.itemsize
+    dtype, item = q.dtype, GPU_ITEM_BYTES
     tile = _tile(dtype)
-    stages = _stages((cfg.bq * d + cfg.bq * cfg.bk) * item, 2 * cfg.bk * d * item)
+    stages = _stages("forward", cfg, (cfg.bq * d + cfg.bq * cfg.bk) * item, 2 * cfg.bk * d * item)
     scratch = [
         plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # q, then the output
         plgpu.SMEM((cfg.bq, cfg.bk), dtype, transforms=tile),  # probabilities
@@ -304,8 +359,8 @@ def _forward(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
             jax.ShapeDtypeStruct((batch, heads, tq), jnp.float32),
         ],
         scratch_types=scratch,
-        grid=(cfg.nq, heads, batch),
-        grid_names=("q", "h", "b"),
+        grid=(batch, heads, cfg.nq),
+        grid_names=("b", "h", "q"),
         interpret=_interpret_params(cfg.interpret),
     )(*meta, q, jnp.swapaxes(k, 2, 3), v, *_segment_args(cfg, qs, ks))
 
@@ -325,7 +380,7 @@ def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
     q_ref, do_ref, lse_ref, delta_ref, kt_ref, vt_ref, k_ref, qs_ref, ks_ref, dq_ref = refs[8:18]
     (q_smem, do_smem, ds_smem, lse_smem, delta_smem, qs_smem, kt_ring, vt_ring, k_ring, ks_ring,
      q_bar, kt_bar, vt_bar, k_bar, ks_bar) = refs[18:]
-    i, h, b = lax.axis_index("q"), lax.axis_index("h"), lax.axis_index("b")
+    i, h, b = _query_block(cfg), lax.axis_index("h"), lax.axis_index("b")
     kh = h // cfg.groups
     r = b * cfg.nq + i
     lo = meta.row_lo[r]
@@ -346,6 +401,7 @@ def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
     ]
     if cfg.segmented:
         streams.append((lambda t: ks_ref.at[b, kv_cols(t)], ks_ring, ks_bar))
+    _prefetch(n, stages, streams)
     for slot in range(len(row_inputs)):
         plgpu.barrier_wait(q_bar.at[slot])
     tile = (cfg.bq, cfg.bk)
@@ -366,7 +422,7 @@ def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
         p = jnp.exp(s - lse)
         dp = _mma(do_smem, vt, tile)
         ds = p * (dp - delta) * jnp.float32(cfg.scale)
-        return dq + _mma_staged(ds, ds_smem, k)
+        return _mma_add(cfg, dq, ds, ds_smem, k)
 
     dq = _stream_loop(n, stages, streams, step, _zeros(cfg, (cfg.bq, q_smem.shape[-1])))
     _write(dq.astype(q_smem.dtype), q_smem, dq_ref.at[b, h, q_rows])
@@ -412,6 +468,7 @@ def _dkv_body(cfg: fb.FlashConfig, stages: int, refs):
     if cfg.segmented:
         rings.append((lambda t: qs_ref.at[b, rows(t)], qs_ring))
     streams = [(source, ring, bar) for (source, ring), bar in zip(rings, ring_bars)]
+    _prefetch(per_head * cfg.groups, stages, streams)
     for slot in range(len(block_inputs)):
         plgpu.barrier_wait(kv_bar.at[slot])
     # Transposed tiles: rows are keys, columns queries.
@@ -430,10 +487,10 @@ def _dkv_body(cfg: fb.FlashConfig, stages: int, refs):
 
         st = _visible_logits(cfg, _mma(k_smem, qt, tile), fb.block_full(cfg, meta, b, i, j), mask)
         pt = jnp.exp(st - _spread(_vector(cfg, lse_col, 0), tile, 1))
-        dv = dv + _mma_staged(pt, st_smem, do)
+        dv = _mma_add(cfg, dv, pt, st_smem, do)
         dpt = _mma(v_smem, dot, tile)
         dst = pt * (dpt - _spread(_vector(cfg, delta_col, 0), tile, 1)) * jnp.float32(cfg.scale)
-        dk = dk + _mma_staged(dst, st_smem, q)
+        dk = _mma_add(cfg, dk, dst, st_smem, q)
         return dk, dv
 
     d = k_smem.shape[-1]
@@ -448,13 +505,13 @@ def _dkv_body(cfg: fb.FlashConfig, stages: int, refs):
 def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.BlockMeta):
     batch, heads, tq, d = q.shape
     kv_heads = k.shape[1]
-    dtype, item = q.dtype, q.dtype.itemsize
+    dtype, item = q.dtype, GPU_ITEM_BYTES
     tile = _tile(dtype)
     interpret = _interpret_params(cfg.interpret)
     qt, dot, kt, vt = (jnp.swapaxes(x, 2, 3) for x in (q, do, k, v))
     segments = _segment_args(cfg, qs, ks)
 
-    dq_stages = _stages((2 * cfg.bq * d + cfg.bq * cfg.bk) * item, 3 * cfg.bk * d * item)
+    dq_stages = _stages("dq", cfg, (2 * cfg.bq * d + cfg.bq * cfg.bk) * item, 3 * cfg.bk * d * item)
     dq = plgpu.kernel(
         lambda *refs: _dq_body(cfg, dq_stages, refs),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
@@ -472,12 +529,12 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
             plgpu.Barrier(num_barriers=5),
             *(plgpu.Barrier(num_barriers=dq_stages) for _ in range(4)),
         ],
-        grid=(cfg.nq, heads, batch),
-        grid_names=("q", "h", "b"),
+        grid=(batch, heads, cfg.nq),
+        grid_names=("b", "h", "q"),
         interpret=interpret,
     )(*meta, q, do, lse, delta, kt, vt, k, *segments)
 
-    dkv_stages = _stages((2 * cfg.bk * d + cfg.bk * cfg.bq) * item, 4 * cfg.bq * d * item)
+    dkv_stages = _stages("dk/dv", cfg, (2 * cfg.bk * d + cfg.bk * cfg.bq) * item, 4 * cfg.bq * d * item)
     ring = lambda shape, dt=dtype, **kw: plgpu.SMEM((dkv_stages, *shape), dt, **kw)  # noqa: E731
     dk, dv = plgpu.kernel(
         lambda *refs: _dkv_body(cfg, dkv_stages, refs),
@@ -497,8 +554,8 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
             plgpu.Barrier(num_barriers=3),
             *(plgpu.Barrier(num_barriers=dkv_stages) for _ in range(7)),
         ],
-        grid=(cfg.nk, kv_heads, batch),
-        grid_names=("kv", "kh", "b"),
+        grid=(batch, kv_heads, cfg.nk),
+        grid_names=("b", "kh", "kv"),
         interpret=interpret,
     )(*meta, k, v, q, qt, do, dot, lse, delta, *segments)
     return dq, dk, dv
@@ -514,16 +571,28 @@ def _flash(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
 
 def _flash_fwd(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
     out, lse = _forward(cfg, q, k, v, qs, ks, meta)
-    return out, (q, k, v, qs, ks, meta, out, lse)
+    return out, (q, k, v, qs, ks, out, lse)
 
 
 def _flash_bwd(cfg: fb.FlashConfig, residuals, d_out):
-    q, k, v, qs, ks, meta, out, lse = residuals
+    q, k, v, qs, ks, out, lse = residuals
+    # The backward takes 64-key blocks (BACKWARD_BLOCK_K) whatever the forward's; the
+    # forward's padding may hold whole 64-key blocks of padding, cut off here and
+    # given zero gradients.
+    cfg = dataclasses.replace(cfg, bk=BACKWARD_BLOCK_K)
+    kv_rows = cfg.nk * cfg.bk
+    extra = k.shape[2] - kv_rows
+    if extra:
+        k, v = k[:, :, :kv_rows], v[:, :, :kv_rows]
+        ks = None if ks is None else ks[:, :kv_rows]
+    meta = fb.block_meta(cfg, q.shape[0], qs, ks)
     # delta_i = sum_d dO_i O_i; rows that saw nothing have lse = -inf and every logit
     # -inf, so shifting by 0 gives p = 0 there.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
     dq, dk, dv = _backward(cfg, q, k, v, d_out.astype(q.dtype), lse, delta, qs, ks, meta)
+    if extra:
+        dk, dv = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (dk, dv))
     return dq, dk, dv, None, None, None
 
 
