@@ -11,13 +11,16 @@ the TPU kernel (``kernels/flash_blocks.py``).
   SMEM once; the kv blocks of the row's visible range stream through a ring of
   ``stages`` SMEM slots by TMA (block ``t + stages - 1`` is requested while block
   ``t`` computes); ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
-  accumulators in registers) with an online softmax in between. Out and the per-row
-  logsumexp are written once, through SMEM, by TMA.
+  accumulators in registers, ``p`` read from registers) with an online softmax in
+  between; element masks are built only for blocks not wholly visible. Out and the
+  per-row logsumexp are written once, through SMEM, by TMA. The grid launches a
+  head's q blocks together (they share its k/v in L2), causal ones heaviest first.
 * **Backward** (``jax.custom_vjp``, logsumexp saved): a dq kernel (per q block, over
   its visible kv blocks) and a dk/dv kernel (per kv block and kv head, over the query
   heads of the group and their visible q blocks, so GQA needs no copies of k/v and no
   sum over repeats). Split for the reason the TPU kernel gives: a fused kernel would
-  have to add dq contributions into blocks other CTAs own.
+  have to add dq contributions into blocks other CTAs own. Both take 64-key blocks
+  whatever the forward's, so dk and dv fit one warpgroup's registers.
 * **Block skipping**: each program walks only the first..last visible block of its
   row (causal triangle, window band, disjoint segment-id ranges; ``block_meta``), so
   skipped blocks are neither fetched nor computed. Blocks inside that range that see
@@ -29,11 +32,20 @@ the TPU kernel (``kernels/flash_blocks.py``).
   over each, small beside attention's quadratic work). Everything is heads-major
   ``[b, heads, length, d]``; lengths are padded up to the block sizes and masked.
 
-Constraints: bf16 or fp16 inputs (Hopper's tensor cores; an fp32 wgmma runs as
-tf32 and needs a K-major B, i.e. the transposed views interpret mode cannot check,
-so fp32 is refused with a pointer to the alternatives), ``head_dim`` a multiple of
-64 (64, 128, 256), block sizes multiples of 64. This kernel has been tested in
-interpret mode only: it has not yet been compiled for or run on a GPU.
+Constraints: an NVIDIA Hopper GPU (sm_90: wgmma and TMA); bf16 or fp16 inputs (an
+fp32 wgmma runs as tf32 and needs a K-major B, i.e. the transposed views interpret
+mode cannot check, so fp32 is refused with a pointer to the alternatives);
+``head_dim`` a multiple of 64 up to 256; block sizes multiples of 64 up to 256 that
+fit SMEM. Each is refused with a clear error before Mosaic GPU sees the kernel.
+
+How it is checked without a GPU: interpret mode runs it against the float64
+reference (fp32, allowed there only, at fp32 tolerance; bf16 / fp16 with the race
+detector), and jit-lowering for CUDA on CPU runs Mosaic GPU's own lowering
+(layouts, wgmma and TMA rules). Two helpers differ between the two, because the
+interpreter lacks ``layout_cast`` / ``pl.run_state`` / register wgmma operands:
+layout hints are dropped there, and ``_mma_add`` stages its register operand through
+SMEM and adds the product instead of accumulating in place. It has not yet been
+compiled to PTX, run or timed on a GPU.
 """
 
 from __future__ import annotations
