@@ -298,6 +298,36 @@ def assert_matches(got, want, tol, what):
         assert err <= tol, f"{what} {label}: error {err:.2e}"
 
 
+def attend_and_grads(q, k, v, d_out, *, implementation, q_seg=None, kv_seg=None, **kwargs):
+    """Output and dq, dk, dv of ``sum(out * d_out)``, jitted, a kernel in interpret mode."""
+
+    def loss(q, k, v):
+        out = dot_product_attention(
+            q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, implementation=implementation,
+            interpret=True, **kwargs,
+        )
+        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return (out,) + tuple(grads)
+
+
+def run_kernel_case(implementation, case, dtype, seed=0):
+    """One ``(name, b, tq, tk, h, kh, d, causal, docs, window, blocks)`` case of the
+    Pallas kernels' tests: (got, float64 reference); "padded" in the name pads 5 ids."""
+    name, b, tq, tk, h, kh, d, causal, docs, window, blocks = case
+    rng = np.random.default_rng(seed)
+    q, k, v, d_out = random_inputs(rng, b, tq, tk, h, kh, d, dtype)
+    seg = None
+    if docs is not None:
+        seg = jnp.asarray(packed_segments(rng, b, tq, docs, pad=5 if "padded" in name else 0))
+    got = attend_and_grads(
+        q, k, v, d_out, implementation=implementation, q_seg=seg, causal=causal,
+        sliding_window=window, block_sizes=blocks,
+    )
+    return got, reference(q, k, v, seg, seg, causal, d_out, window)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
 def test_window_fp32_forward_and_gradients(impl, case):

@@ -8,28 +8,17 @@ import sys
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
 from t5x_like.kernels import attention, flash_blocks
 from t5x_like.kernels.attention import AttentionSpec, dot_product_attention
-from test_attention import assert_matches, packed_segments, random_inputs, reference
+from test_attention import (
+    assert_matches, attend_and_grads, packed_segments, random_inputs, reference, run_kernel_case,
+)
+
+IMPLEMENTATION = "pallas"
 
 pallas_tpu = pytest.importorskip("t5x_like.kernels.pallas_tpu")
-
-
-def attend_and_grads(q, k, v, d_out, *, q_seg=None, kv_seg=None, **kwargs):
-    """Output and dq, dk, dv of ``sum(out * d_out)`` through implementation='pallas'."""
-
-    def loss(q, k, v):
-        out = dot_product_attention(
-            q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, implementation="pallas",
-            interpret=True, **kwargs,
-        )
-        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return (out,) + tuple(grads)
 
 
 # Small blocks so every case crosses block edges; lengths mostly not multiples of them.
@@ -46,36 +35,23 @@ CASES = [
 ]
 
 
-def run_case(case, dtype, seed=0):
-    name, b, tq, tk, h, kh, d, causal, docs, window, blocks = case
-    rng = np.random.default_rng(seed)
-    q, k, v, d_out = random_inputs(rng, b, tq, tk, h, kh, d, dtype)
-    seg = None
-    if docs is not None:
-        seg = jnp.asarray(packed_segments(rng, b, tq, docs, pad=5 if "padded" in name else 0))
-    got = attend_and_grads(
-        q, k, v, d_out, q_seg=seg, causal=causal, sliding_window=window, block_sizes=blocks
-    )
-    return got, reference(q, k, v, seg, seg, causal, d_out, window)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_fp32_forward_and_gradients(case):
-    got, want = run_case(case, jnp.float32)
+    got, want = run_kernel_case(IMPLEMENTATION, case, jnp.float32)
     assert all(g.dtype == jnp.float32 for g in got)
     assert_matches(got, want, 1e-5, case[0])
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[6]], ids=lambda c: c[0])
 def test_bf16_forward_and_gradients(case):
-    got, want = run_case(case, jnp.bfloat16, seed=1)
+    got, want = run_kernel_case(IMPLEMENTATION, case, jnp.bfloat16, seed=1)
     assert all(g.dtype == jnp.bfloat16 for g in got)
     assert_matches(got, want, 2e-2, case[0])
 
 
 def test_head_dim_256_forward_and_gradients():
     case = ("gqa-2:1-packed-d256", 1, 40, 40, 4, 2, 256, True, 3, None, (16, 16))
-    got, want = run_case(case, jnp.float32, seed=5)
+    got, want = run_kernel_case(IMPLEMENTATION, case, jnp.float32, seed=5)
     assert_matches(got, want, 1e-5, case[0])
 
 
@@ -83,7 +59,7 @@ def test_default_blocks_pad_a_short_sequence():
     """No block_sizes: TPU-shaped defaults (8-row / 128-lane tiles) on a 21-token input."""
     rng = np.random.default_rng(6)
     q, k, v, d_out = random_inputs(rng, 1, 21, 21, 2, 1, 64, jnp.float32)
-    got = attend_and_grads(q, k, v, d_out, causal=True)
+    got = attend_and_grads(q, k, v, d_out, implementation=IMPLEMENTATION, causal=True)
     assert_matches(got, reference(q, k, v, None, None, True, d_out), 1e-5, "default blocks")
 
 
@@ -103,7 +79,9 @@ def test_query_ids_missing_on_the_kv_side_give_zeros():
     q, k, v, d_out = random_inputs(rng, 1, 32, 24, 2, 1, 64, jnp.float32)
     q_seg = jnp.asarray([[1] * 6 + [9] * 18 + [2] * 8], jnp.int32)  # id 9 has no keys
     kv_seg = jnp.asarray([[1] * 12 + [2] * 12], jnp.int32)
-    got = attend_and_grads(q, k, v, d_out, q_seg=q_seg, kv_seg=kv_seg, block_sizes=(8, 8))
+    got = attend_and_grads(
+        q, k, v, d_out, implementation=IMPLEMENTATION,
+        q_seg=q_seg, kv_seg=kv_seg, block_sizes=(8, 8))
     want = reference(q, k, v, q_seg, kv_seg, False, d_out)
     assert_blind_rows_are_zero(got, want, slice(6, 24))
 
@@ -112,7 +90,9 @@ def test_queries_past_the_window_give_zeros():
     """Causal, q_len > kv_len + window: the last queries' windows hold no key."""
     rng = np.random.default_rng(3)
     q, k, v, d_out = random_inputs(rng, 2, 45, 19, 2, 1, 64, jnp.float32)
-    got = attend_and_grads(q, k, v, d_out, causal=True, sliding_window=6, block_sizes=(16, 8))
+    got = attend_and_grads(
+        q, k, v, d_out, implementation=IMPLEMENTATION,
+        causal=True, sliding_window=6, block_sizes=(16, 8))
     want = reference(q, k, v, None, None, True, d_out, 6)
     assert_blind_rows_are_zero(got, want, slice(19 + 6 - 1, 45))
 
@@ -136,7 +116,8 @@ def test_nan_in_blocks_nobody_sees_never_reaches_the_result():
         v_bad = v_bad.at[:, rows].set(jnp.nan)
     q_bad = q.at[:, 16:32].set(jnp.nan)  # q block 1 (id 5) sees nothing
     got = attend_and_grads(
-        q_bad, k_bad, v_bad, d_out, q_seg=q_seg, kv_seg=kv_seg, causal=True,
+        q_bad, k_bad, v_bad, d_out, implementation=IMPLEMENTATION,
+        q_seg=q_seg, kv_seg=kv_seg, causal=True,
         block_sizes=(16, 16),
     )
     for x in got:

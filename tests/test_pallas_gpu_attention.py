@@ -10,25 +10,15 @@ import jax.numpy as jnp
 
 from t5x_like.kernels import attention
 from t5x_like.kernels.attention import dot_product_attention
-from test_attention import assert_matches, packed_segments, random_inputs, reference
+from test_attention import (
+    assert_matches, attend_and_grads, random_inputs, reference, run_kernel_case,
+)
+
+IMPLEMENTATION = "pallas_gpu"
 
 pallas_gpu = pytest.importorskip("t5x_like.kernels.pallas_gpu")
 gpu_interpret = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
 gpu_callbacks = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.gpu_callbacks")
-
-
-def attend_and_grads(q, k, v, d_out, *, q_seg=None, kv_seg=None, **kwargs):
-    """Output and dq, dk, dv of ``sum(out * d_out)`` through implementation='pallas_gpu'."""
-
-    def loss(q, k, v):
-        out = dot_product_attention(
-            q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, implementation="pallas_gpu",
-            interpret=True, **kwargs,
-        )
-        return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return (out,) + tuple(grads)
 
 
 # wgmma-sized blocks (64); lengths mostly not multiples of them, so padding is masked.
@@ -47,23 +37,10 @@ CASES = [
 ]
 
 
-def run_case(case, dtype, seed=0):
-    name, b, tq, tk, h, kh, d, causal, docs, window, blocks = case
-    rng = np.random.default_rng(seed)
-    q, k, v, d_out = random_inputs(rng, b, tq, tk, h, kh, d, dtype)
-    seg = None
-    if docs is not None:
-        seg = jnp.asarray(packed_segments(rng, b, tq, docs, pad=7 if "padded" in name else 0))
-    got = attend_and_grads(
-        q, k, v, d_out, q_seg=seg, causal=causal, sliding_window=window, block_sizes=blocks
-    )
-    return got, reference(q, k, v, seg, seg, causal, d_out, window)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_fp32_forward_and_gradients(case):
     """fp32 runs only in interpret mode (wgmma exact there): the algorithm at 1e-5."""
-    got, want = run_case(case, jnp.float32)
+    got, want = run_kernel_case(IMPLEMENTATION, case, jnp.float32)
     assert all(g.dtype == jnp.float32 for g in got)
     assert_matches(got, want, 1e-5, case[0])
 
@@ -82,7 +59,7 @@ def race_detector(monkeypatch, capfd):
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[6]], ids=lambda c: c[0])
 def test_bf16_forward_and_gradients_without_races(case, race_detector):
-    got, want = run_case(case, jnp.bfloat16, seed=1)
+    got, want = run_kernel_case(IMPLEMENTATION, case, jnp.bfloat16, seed=1)
     assert all(g.dtype == jnp.bfloat16 for g in got)
     assert_matches(got, want, 2e-2, case[0])
 
@@ -90,7 +67,7 @@ def test_bf16_forward_and_gradients_without_races(case, race_detector):
 def test_fp16_default_blocks_pad_a_short_sequence():
     rng = np.random.default_rng(6)
     q, k, v, d_out = random_inputs(rng, 1, 21, 21, 2, 1, 64, jnp.float16)
-    got = attend_and_grads(q, k, v, d_out, causal=True)
+    got = attend_and_grads(q, k, v, d_out, implementation=IMPLEMENTATION, causal=True)
     assert_matches(got, reference(q, k, v, None, None, True, d_out), 2e-2, "fp16 default blocks")
 
 
@@ -99,7 +76,9 @@ def test_query_ids_missing_on_the_kv_side_give_zeros():
     q, k, v, d_out = random_inputs(rng, 1, 128, 100, 2, 1, 64, jnp.float32)
     q_seg = jnp.asarray([[1] * 20 + [9] * 70 + [2] * 38], jnp.int32)  # id 9 has no keys
     kv_seg = jnp.asarray([[1] * 50 + [2] * 50], jnp.int32)
-    got = attend_and_grads(q, k, v, d_out, q_seg=q_seg, kv_seg=kv_seg, block_sizes=(64, 64))
+    got = attend_and_grads(
+        q, k, v, d_out, implementation=IMPLEMENTATION,
+        q_seg=q_seg, kv_seg=kv_seg, block_sizes=(64, 64))
     want = reference(q, k, v, q_seg, kv_seg, False, d_out)
     for x in got:
         assert np.all(np.isfinite(np.asarray(x)))
@@ -122,7 +101,8 @@ def test_nan_in_blocks_nobody_sees_never_reaches_the_result():
         v_bad = v_bad.at[:, rows].set(jnp.nan)
     q_bad = q.at[:, 64:128].set(jnp.nan)  # q block 1 (id 5) sees nothing
     got = attend_and_grads(
-        q_bad, k_bad, v_bad, d_out, q_seg=q_seg, kv_seg=kv_seg, causal=True, block_sizes=(64, 64)
+        q_bad, k_bad, v_bad, d_out, implementation=IMPLEMENTATION,
+        q_seg=q_seg, kv_seg=kv_seg, causal=True, block_sizes=(64, 64)
     )
     for x in got:
         assert np.all(np.isfinite(np.asarray(x)))

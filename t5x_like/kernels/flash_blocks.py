@@ -227,3 +227,35 @@ def heads_major(x: jax.Array, pad: int) -> jax.Array:
     if pad:
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
     return x.transpose(0, 2, 1, 3)
+
+
+# ------------------------------------------------------------------ host-side glue
+
+
+def prepare(spec, q, k, v, q_segment_ids, kv_segment_ids, bq: int, bk: int, interpret: bool):
+    """What both kernels start from: the config, q / k / v heads-major and zero-padded
+    to whole blocks, segment ids edge-padded (None without them), and the block meta.
+
+    ``spec`` is the entry point's ``AttentionSpec`` (not imported: kernels/attention
+    imports this package's modules lazily).
+    """
+    cfg = FlashConfig(
+        causal=spec.causal, window=spec.sliding_window, scale=spec.scale,
+        q_len=spec.q_len, kv_len=spec.kv_len, bq=bq, bk=bk, groups=spec.groups,
+        segmented=q_segment_ids is not None, interpret=bool(interpret),
+    )
+    q_pad, kv_pad = cfg.nq * bq - spec.q_len, cfg.nk * bk - spec.kv_len
+    qh, kh, vh = (heads_major(x, pad) for x, pad in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
+    qs = ks = None
+    if cfg.segmented:
+        qs = edge_pad(q_segment_ids.astype(jnp.int32), q_pad)
+        ks = edge_pad(kv_segment_ids.astype(jnp.int32), kv_pad)
+    return cfg, qh, kh, vh, qs, ks, block_meta(cfg, spec.batch, qs, ks)
+
+
+def backward_row_terms(d_out, out, lse):
+    """The backward's per-query-row terms from the forward's residuals: ``delta_i =
+    sum_d dO_i O_i`` (the softmax Jacobian's row term) and the logsumexp with rows that
+    saw nothing (lse = -inf, every logit -inf) shifted by 0, so p = exp(-inf) = 0 there."""
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    return jnp.where(jnp.isfinite(lse), lse, 0.0), delta

@@ -254,12 +254,20 @@ def _stream_loop(n, stages: int, streams, step, carry):
     return lax.fori_loop(0, n, body, carry)
 
 
-def _query_block(cfg: fb.FlashConfig):
-    """This program's q block. The last grid axis is the fastest-launched, so the
-    programs that run together share a head's k/v; causal runs take the longest rows
-    (last q blocks) first, for a shorter tail."""
-    i = lax.axis_index("q")
-    return cfg.nq - 1 - i if cfg.causal else i
+def _query_program(cfg: fb.FlashConfig, meta: fb.BlockMeta):
+    """Where a forward / dq program stands: batch row, head, kv head, q block ``i``,
+    the first visible kv block and their count, and the q block's rows.
+
+    The last grid axis is the fastest-launched, so the programs that run together
+    share a head's k/v; causal runs take the longest rows (last q blocks) first, for a
+    shorter tail.
+    """
+    b, h, i = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("q")
+    if cfg.causal:
+        i = cfg.nq - 1 - i
+    r = b * cfg.nq + i
+    lo = meta.row_lo[r]
+    return b, h, h // cfg.groups, i, lo, _row_range(lo, meta.row_hi[r]), pl.ds(i * cfg.bq, cfg.bq)
 
 
 def _visible_logits(cfg: fb.FlashConfig, s, full, mask):
@@ -271,6 +279,20 @@ def _visible_logits(cfg: fb.FlashConfig, s, full, mask):
             or cfg.kv_padded):
         return s
     return lax.cond(full, lambda s: s, lambda s: jnp.where(mask(), s, -jnp.inf), s)
+
+
+def _query_block_logits(cfg: fb.FlashConfig, meta, b, i, j, q_smem, kt, q_ids, kv_ids_ref):
+    """Masked, scaled ``q k^T`` ``[bq, bk]`` of q block ``i`` and kv block ``j`` (the
+    forward's and dq's orientation). ``q_ids``: the q block's ids spread over the
+    tile; ``kv_ids_ref``: ``[the kv block's id SMEM slot]``, empty without segments."""
+    tile = (cfg.bq, cfg.bk)
+
+    def mask():
+        kv_ids = _spread(_vector(cfg, kv_ids_ref[0], 0), tile, 1) if cfg.segmented else None
+        q_pos, kv_pos = i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1)
+        return fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids)
+
+    return _visible_logits(cfg, _mma(q_smem, kt, tile), fb.block_full(cfg, meta, b, i, j), mask)
 
 
 def _row_range(lo, hi):
@@ -291,13 +313,9 @@ def _write(value, smem, destination):
 def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
     meta = fb.BlockMeta(*refs[:8])
     q_ref, kt_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[8:15]
-    q_smem, p_smem, kt_ring, v_ring, qs_smem, ks_ring, lse_smem, q_bar, kt_bar, v_bar, ks_bar = refs[15:]
-    i, h, b = _query_block(cfg), lax.axis_index("h"), lax.axis_index("b")
-    kh = h // cfg.groups
-    r = b * cfg.nq + i
-    lo = meta.row_lo[r]
-    n = _row_range(lo, meta.row_hi[r])
-    q_rows = pl.ds(i * cfg.bq, cfg.bq)
+    (q_smem, p_smem, kt_ring, v_ring, qs_smem, ks_ring, lse_smem,
+     q_bar, kt_bar, v_bar, ks_bar) = refs[15:]
+    b, h, kh, i, lo, n, q_rows = _query_program(cfg, meta)
 
     plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows], q_smem, q_bar.at[0])
     streams = [
@@ -318,14 +336,7 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
     def step(t, buffers, carry):
         acc, m, l = carry
         kt, v = buffers[0], buffers[1]
-        j = lo + t
-
-        def mask():
-            kv_ids = _spread(_vector(cfg, buffers[2], 0), tile, 1) if cfg.segmented else None
-            q_pos, kv_pos = i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1)
-            return fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids)
-
-        s = _visible_logits(cfg, _mma(q_smem, kt, tile), fb.block_full(cfg, meta, b, i, j), mask)
+        s = _query_block_logits(cfg, meta, b, i, lo + t, q_smem, kt, q_ids, buffers[2:])
         m_new = jnp.maximum(m, s.max(axis=1))
         # A row that has seen nothing yet keeps m = -inf: shift by 0 so exp gives zeros.
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -336,11 +347,16 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
         acc = _mma_add(cfg, acc, p, p_smem, v)
         return acc, m_new, l
 
-    init = (_zeros(cfg, (cfg.bq, q_smem.shape[-1])), _row_vector(cfg, -jnp.inf, cfg.bq), _row_vector(cfg, 0.0, cfg.bq))
+    init = (
+        _zeros(cfg, (cfg.bq, q_smem.shape[-1])),
+        _row_vector(cfg, -jnp.inf, cfg.bq),
+        _row_vector(cfg, 0.0, cfg.bq),
+    )
     acc, m, l = _stream_loop(n, stages, streams, step, init)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
-    _write((acc / _spread(l_safe, acc.shape, 0)).astype(q_smem.dtype), q_smem, o_ref.at[b, h, q_rows])
+    out = (acc / _spread(l_safe, acc.shape, 0)).astype(q_smem.dtype)
+    _write(out, q_smem, o_ref.at[b, h, q_rows])
     _write(jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), lse_smem, lse_ref.at[b, h, q_rows])
     plgpu.wait_smem_to_gmem(0)
 
@@ -392,12 +408,7 @@ def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
     q_ref, do_ref, lse_ref, delta_ref, kt_ref, vt_ref, k_ref, qs_ref, ks_ref, dq_ref = refs[8:18]
     (q_smem, do_smem, ds_smem, lse_smem, delta_smem, qs_smem, kt_ring, vt_ring, k_ring, ks_ring,
      q_bar, kt_bar, vt_bar, k_bar, ks_bar) = refs[18:]
-    i, h, b = _query_block(cfg), lax.axis_index("h"), lax.axis_index("b")
-    kh = h // cfg.groups
-    r = b * cfg.nq + i
-    lo = meta.row_lo[r]
-    n = _row_range(lo, meta.row_hi[r])
-    q_rows = pl.ds(i * cfg.bq, cfg.bq)
+    b, h, kh, i, lo, n, q_rows = _query_program(cfg, meta)
 
     row_inputs = [(q_ref.at[b, h, q_rows], q_smem), (do_ref.at[b, h, q_rows], do_smem),
                   (lse_ref.at[b, h, q_rows], lse_smem), (delta_ref.at[b, h, q_rows], delta_smem)]
@@ -423,14 +434,7 @@ def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
 
     def step(t, buffers, dq):
         kt, vt, k = buffers[:3]
-        j = lo + t
-
-        def mask():
-            kv_ids = _spread(_vector(cfg, buffers[3], 0), tile, 1) if cfg.segmented else None
-            q_pos, kv_pos = i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1)
-            return fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids)
-
-        s = _visible_logits(cfg, _mma(q_smem, kt, tile), fb.block_full(cfg, meta, b, i, j), mask)
+        s = _query_block_logits(cfg, meta, b, i, lo + t, q_smem, kt, q_ids, buffers[3:])
         p = jnp.exp(s - lse)
         dp = _mma(do_smem, vt, tile)
         ds = p * (dp - delta) * jnp.float32(cfg.scale)
@@ -445,7 +449,8 @@ def _dkv_body(cfg: fb.FlashConfig, stages: int, refs):
     meta = fb.BlockMeta(*refs[:8])
     (k_ref, v_ref, q_ref, qt_ref, do_ref, dot_ref, lse_ref, delta_ref, qs_ref, ks_ref,
      dk_ref, dv_ref) = refs[8:20]
-    (k_smem, v_smem, st_smem, ks_smem, q_ring, qt_ring, do_ring, dot_ring, lse_ring, delta_ring, qs_ring,
+    (k_smem, v_smem, st_smem, ks_smem,
+     q_ring, qt_ring, do_ring, dot_ring, lse_ring, delta_ring, qs_ring,
      kv_bar, *ring_bars) = refs[20:]
     j, kh, b = lax.axis_index("kv"), lax.axis_index("kh"), lax.axis_index("b")
     c = b * cfg.nk + j
@@ -507,7 +512,8 @@ def _dkv_body(cfg: fb.FlashConfig, stages: int, refs):
 
     d = k_smem.shape[-1]
     dk, dv = _stream_loop(
-        per_head * cfg.groups, stages, streams, step, (_zeros(cfg, (cfg.bk, d)), _zeros(cfg, (cfg.bk, d)))
+        per_head * cfg.groups, stages, streams, step,
+        (_zeros(cfg, (cfg.bk, d)), _zeros(cfg, (cfg.bk, d))),
     )
     _write(dk.astype(k_smem.dtype), k_smem, dk_ref.at[b, kh, kv_rows])
     _write(dv.astype(v_smem.dtype), v_smem, dv_ref.at[b, kh, kv_rows])
@@ -546,7 +552,9 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
         interpret=interpret,
     )(*meta, q, do, lse, delta, kt, vt, k, *segments)
 
-    dkv_stages = _stages("dk/dv", cfg, (2 * cfg.bk * d + cfg.bk * cfg.bq) * item, 4 * cfg.bq * d * item)
+    dkv_stages = _stages(
+        "dk/dv", cfg, (2 * cfg.bk * d + cfg.bk * cfg.bq) * item, 4 * cfg.bq * d * item
+    )
     ring = lambda shape, dt=dtype, **kw: plgpu.SMEM((dkv_stages, *shape), dt, **kw)  # noqa: E731
     dk, dv = plgpu.kernel(
         lambda *refs: _dkv_body(cfg, dkv_stages, refs),
@@ -598,10 +606,7 @@ def _flash_bwd(cfg: fb.FlashConfig, residuals, d_out):
         k, v = k[:, :, :kv_rows], v[:, :, :kv_rows]
         ks = None if ks is None else ks[:, :kv_rows]
     meta = fb.block_meta(cfg, q.shape[0], qs, ks)
-    # delta_i = sum_d dO_i O_i; rows that saw nothing have lse = -inf and every logit
-    # -inf, so shifting by 0 gives p = 0 there.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    lse, delta = fb.backward_row_terms(d_out, out, lse)
     dq, dk, dv = _backward(cfg, q, k, v, d_out.astype(q.dtype), lse, delta, qs, ks, meta)
     if extra:
         dk, dv = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (dk, dv))
@@ -627,18 +632,9 @@ def pallas_gpu_attention(
         )
     _check_inputs(q, spec, bool(interpret))
     bq, bk = _block_sizes(spec)
-    cfg = fb.FlashConfig(
-        causal=spec.causal, window=spec.sliding_window, scale=spec.scale,
-        q_len=spec.q_len, kv_len=spec.kv_len, bq=bq, bk=bk, groups=spec.groups,
-        segmented=q_segment_ids is not None, interpret=bool(interpret),
+    cfg, qh, kh, vh, qs, ks, meta = fb.prepare(
+        spec, q, k, v, q_segment_ids, kv_segment_ids, bq, bk, interpret
     )
-    q_pad, kv_pad = cfg.nq * bq - spec.q_len, cfg.nk * bk - spec.kv_len
-    qh, kh, vh = (fb.heads_major(x, pad) for x, pad in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
-    qs = ks = None
-    if cfg.segmented:
-        qs = fb.edge_pad(q_segment_ids.astype(jnp.int32), q_pad)
-        ks = fb.edge_pad(kv_segment_ids.astype(jnp.int32), kv_pad)
-    meta = fb.block_meta(cfg, spec.batch, qs, ks)
     out = _flash(cfg, qh, kh, vh, qs, ks, meta)
     return out.transpose(0, 2, 1, 3)[:, : spec.q_len]
 

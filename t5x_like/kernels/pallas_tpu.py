@@ -379,10 +379,7 @@ def _flash_fwd(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
 
 def _flash_bwd(cfg: fb.FlashConfig, residuals, d_out):
     q, k, v, qs, ks, meta, out, lse = residuals
-    # delta_i = sum_d dO_i O_i, the softmax Jacobian's row term; rows that saw nothing
-    # have lse = -inf and every logit -inf, so shifting by 0 gives p = 0 there.
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    lse, delta = fb.backward_row_terms(d_out, out, lse)
     lse_lanes, delta_lanes = (
         jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES)) for x in (lse, delta)
     )
@@ -410,18 +407,9 @@ def pallas_tpu_attention(
             f"{platform!r}); pass interpret=True to run it in the Pallas interpreter"
         )
     bq, bk = _block_sizes(spec, on_tpu=platform == "tpu" and not interpret)
-    cfg = fb.FlashConfig(
-        causal=spec.causal, window=spec.sliding_window, scale=spec.scale,
-        q_len=spec.q_len, kv_len=spec.kv_len, bq=bq, bk=bk, groups=spec.groups,
-        segmented=q_segment_ids is not None, interpret=bool(interpret),
+    cfg, qt, kt, vt, qs, ks, meta = fb.prepare(
+        spec, q, k, v, q_segment_ids, kv_segment_ids, bq, bk, interpret
     )
-    q_pad, kv_pad = cfg.nq * bq - spec.q_len, cfg.nk * bk - spec.kv_len
-    qt, kt, vt = (fb.heads_major(x, pad) for x, pad in ((q, q_pad), (k, kv_pad), (v, kv_pad)))
-    qs = ks = None
-    if cfg.segmented:
-        qs = fb.edge_pad(q_segment_ids.astype(jnp.int32), q_pad)
-        ks = fb.edge_pad(kv_segment_ids.astype(jnp.int32), kv_pad)
-    meta = fb.block_meta(cfg, spec.batch, qs, ks)
     if cfg.segmented:
         qs = jnp.broadcast_to(qs[:, :, None], (*qs.shape, NUM_LANES))
         ks = jnp.broadcast_to(ks[:, None, :], (ks.shape[0], NUM_SUBLANES, ks.shape[1]))
