@@ -1,5 +1,6 @@
-"""The benchmark scripts run end to end: the GPU suite at tiny sizes on the CPU (so it is known
-to run before a GPU is lent), and the embedding-throughput bench at its smallest setting.
+"""The benchmark scripts run end to end: the GPU suite and the GPU kernel check at tiny sizes on
+the CPU (so they are known to run before a GPU is lent), and the embedding-throughput bench at
+its smallest setting.
 
 Each runs as a subprocess, as a user would run it (one CPU device, not the tests' eight), and
 never with --record. bench/contrastive_step.py is left out: at its smallest setting it takes
@@ -66,3 +67,9 @@ def test_embed_throughput_smallest_setting():
                        "--max-length", "32", "--repeats", "1")
     assert "ratio ours / theirs" in stdout
     assert "cosine ours vs theirs min" in stdout
+
+
+def test_gpu_kernel_check_runs_in_the_interpreter():
+    stdout = run_bench("gpu_kernel_check.py", "--interpret", "--small")
+    assert "| packed-8-docs-causal-d128 |" in stdout and "| ok |" in stdout
+    assert "1 of 1 cases within tolerance" in stdout
