@@ -45,7 +45,9 @@ Real-TPU constraints (checked when not interpreting): ``block_q`` a multiple of 
 and ``block_k`` a multiple of 128 (or the whole padded length). Defaults 512 / 512
 (clamped to the rounded-up lengths) suit v4/v5 with head_dim <= 256. In interpret
 mode (``interpret=True``, how the CPU tests run it) any block size works. This
-kernel has been tested in interpret mode only; its Mosaic lowering is unverified.
+kernel has been tested in interpret mode and jit-lowered for a TPU (as a v5e) on the
+CPU host, which runs Pallas's Mosaic TPU lowering and its block-shape rules; Mosaic's
+compiler in libtpu has not seen it, nor has a TPU run it.
 """
 
 from __future__ import annotations
