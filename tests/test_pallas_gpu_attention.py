@@ -58,7 +58,9 @@ def race_detector(monkeypatch, capfd):
     assert not gpu_callbacks.get_races().races_found, "Mosaic GPU interpreter found data races"
 
 
-BF16_CASES = [c for c in CASES if c[0] in ("gqa-4:1-packed-8-docs-causal", "causal-window40-len130-d128")]
+BF16_CASES = [
+    c for c in CASES if c[0] in ("gqa-4:1-packed-8-docs-causal", "causal-window40-len130-d128")
+]
 
 
 @pytest.mark.parametrize("case", BF16_CASES, ids=lambda c: c[0])
