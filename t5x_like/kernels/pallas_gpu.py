@@ -7,10 +7,13 @@ of ``t5x_like.kernels.attention`` (top-left causal, sliding window, segment ids,
 and zero gradients for rows that see no key); the block bookkeeping is shared with
 the TPU kernel (``kernels/flash_blocks.py``).
 
-* **Forward**: one warpgroup per (q block, head, batch row). The q block goes to
-  SMEM once; the kv blocks of the row's visible range stream through a ring of
-  ``stages`` SMEM slots by TMA (block ``t + stages - 1`` is requested while block
-  ``t`` computes); ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
+* **Forward**: one program per (batch row, head, q block of 128), the q block split
+  over two compute warpgroups of 64 rows (FA3's shape). Each warpgroup's q rows go to
+  SMEM once; the kv blocks of the q block's visible range stream through a ring of
+  ``stages`` SMEM slots by TMA that both warpgroups read (warpgroup 0 requests block
+  ``t + stages - 1`` while block ``t`` computes, once both have released the slot
+  on a barrier), so k/v cross SMEM once per 128 queries and one warpgroup's softmax
+  can overlap the other's wgmma. ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
   accumulators in registers, ``p`` read from registers) with an online softmax in
   between; element masks are built only for blocks not wholly visible. Out and the
   per-row logsumexp are written once, through SMEM, by TMA. The grid launches a
@@ -19,8 +22,8 @@ the TPU kernel (``kernels/flash_blocks.py``).
   its visible kv blocks) and a dk/dv kernel (per kv block and kv head, over the query
   heads of the group and their visible q blocks, so GQA needs no copies of k/v and no
   sum over repeats). Split for the reason the TPU kernel gives: a fused kernel would
-  have to add dq contributions into blocks other CTAs own. Both take 64-key blocks
-  whatever the forward's, so dk and dv fit one warpgroup's registers.
+  have to add dq contributions into blocks other CTAs own. Both run one warpgroup on
+  64 x 64 blocks whatever the forward's, so dk and dv fit its registers.
 * **Block skipping**: each program walks only the first..last visible block of its
   row (causal triangle, window band, disjoint segment-id ranges; ``block_meta``), so
   skipped blocks are neither fetched nor computed. Blocks inside that range that see
