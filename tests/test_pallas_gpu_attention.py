@@ -164,7 +164,7 @@ def test_on_cpu_without_interpret_says_what_to_do():
         (jnp.bfloat16, 64, (64, 48), "multiples of 64"),
         (jnp.bfloat16, 64, (64, 512), "at most 256"),
         (jnp.bfloat16, 64, (256, 64), "block_q at most 128"),
-        (jnp.bfloat16, 256, (128, 256), "forward kernel with blocks .128, 256. needs 384 KiB"),
+        (jnp.bfloat16, 256, (128, 256), "forward kernel with blocks .128, 256. needs 320 KiB"),
     ],
 )
 def test_unsupported_inputs_are_refused_before_compiling(monkeypatch, dtype, head_dim, blocks,

@@ -12,8 +12,9 @@ the TPU kernel (``kernels/flash_blocks.py``).
   SMEM once; the kv blocks of the q block's visible range stream through a ring of
   ``stages`` SMEM slots by TMA that both warpgroups read (warpgroup 0 requests block
   ``t + stages - 1`` while block ``t`` computes, once both have released the slot
-  on a barrier), so k/v cross SMEM once per 128 queries and one warpgroup's softmax
-  can overlap the other's wgmma. ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
+  on a barrier), so k/v cross SMEM once per 128 queries; one warpgroup's softmax may
+  overlap the other's wgmma, as the warp schedulers interleave them (nothing enforces
+  it: FA3's producer warpgroup and ping-pong barriers are not here). ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
   accumulators in registers, ``p`` read from registers) with an online softmax in
   between; element masks are built only for blocks not wholly visible. Out and the
   per-row logsumexp are written once, through SMEM, by TMA. The grid launches a
@@ -201,6 +202,14 @@ def _in_layout(cfg: fb.FlashConfig, x, layout):
     return x if cfg.interpret else plgpu.layout_cast(x, layout)
 
 
+def _staging(cfg: fb.FlashConfig, shape, dtype, tile):
+    """SMEM for ``_mma_add``'s interpret-mode staging; a token 8 x 64 tile on a GPU, where
+    wgmma reads the operand from registers (so the SMEM budget leaves it out)."""
+    if cfg.interpret:
+        return plgpu.SMEM(shape, dtype, transforms=tile)
+    return plgpu.SMEM((*shape[:-2], 8, 64), dtype)
+
+
 def _zeros(cfg: fb.FlashConfig, shape):
     return _in_layout(cfg, jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -272,15 +281,18 @@ def _stream_loop(n, stages: int, streams, step, carry, issuer=True, consumed=Non
             plgpu.barrier_arrive(consumed.at[slot])
         return carry
 
-    carry = lax.fori_loop(0, n, body, carry)
-    if consumed is not None:
-        # The last blocks of each slot were never refilled, so never waited on: observe
-        # their completion too, leaving no barrier phase pending at the kernel's end.
-        def drain(t, _):
-            plgpu.barrier_wait(consumed.at[t % stages])
+    return lax.fori_loop(0, n, body, carry)
 
-        pl.when(issuer)(lambda: lax.fori_loop(jnp.maximum(n - stages, 0), n, drain, None))
-    return carry
+
+def _drain(n, stages: int, consumed, issuer):
+    """The issuer observes the consumed phases of the last block of each slot, never
+    refilled so never waited on (interpret mode requires every phase observed before
+    a barrier is freed; on a GPU it is a short wait at the end)."""
+
+    def wait(t, _):
+        plgpu.barrier_wait(consumed.at[t % stages])
+
+    pl.when(issuer)(lambda: lax.fori_loop(jnp.maximum(n - stages, 0), n, wait, None))
 
 
 def _query_program(cfg: fb.FlashConfig, meta: fb.BlockMeta):
@@ -399,6 +411,8 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
     out = (acc / _spread(l_safe, acc.shape, 0)).astype(q_smem.dtype)
     _write(out, q_smem, o_ref.at[b, h, rows])
     _write(jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), lse_smem, lse_ref.at[b, h, rows])
+    if wgs > 1:
+        _drain(n, stages, consumed, issuer)
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -408,10 +422,10 @@ def _forward(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
     dtype, item = q.dtype, GPU_ITEM_BYTES
     tile = _tile(dtype)
     wgs = cfg.bq // WGMMA_ROWS
-    stages = _stages("forward", cfg, (cfg.bq * d + cfg.bq * cfg.bk) * item, 2 * cfg.bk * d * item)
+    stages = _stages("forward", cfg, cfg.bq * d * item, 2 * cfg.bk * d * item)
     scratch = [
         plgpu.SMEM((wgs, WGMMA_ROWS, d), dtype, transforms=tile),  # q, then the output
-        plgpu.SMEM((wgs, WGMMA_ROWS, cfg.bk), dtype, transforms=tile),  # probabilities
+        _staging(cfg, (wgs, WGMMA_ROWS, cfg.bk), dtype, tile),  # probabilities
         plgpu.SMEM((stages, d, cfg.bk), dtype, transforms=tile),  # k^T ring
         plgpu.SMEM((stages, cfg.bk, d), dtype, transforms=tile),  # v ring
         plgpu.SMEM((wgs, WGMMA_ROWS), jnp.int32),  # q segment ids
@@ -576,14 +590,14 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
     qt, dot, kt, vt = (jnp.swapaxes(x, 2, 3) for x in (q, do, k, v))
     segments = _segment_args(cfg, qs, ks)
 
-    dq_stages = _stages("dq", cfg, (2 * cfg.bq * d + cfg.bq * cfg.bk) * item, 3 * cfg.bk * d * item)
+    dq_stages = _stages("dq", cfg, 2 * cfg.bq * d * item, 3 * cfg.bk * d * item)
     dq = plgpu.kernel(
         lambda *refs: _dq_body(cfg, dq_stages, refs),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=[
             plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # q, then dq
             plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # dO
-            plgpu.SMEM((cfg.bq, cfg.bk), dtype, transforms=tile),  # dS
+            _staging(cfg, (cfg.bq, cfg.bk), dtype, tile),  # dS
             plgpu.SMEM((cfg.bq,), jnp.float32),  # logsumexp
             plgpu.SMEM((cfg.bq,), jnp.float32),  # delta
             plgpu.SMEM((cfg.bq,), jnp.int32),  # q segment ids
@@ -600,7 +614,7 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
     )(*meta, q, do, lse, delta, kt, vt, k, *segments)
 
     dkv_stages = _stages(
-        "dk/dv", cfg, (2 * cfg.bk * d + cfg.bk * cfg.bq) * item, 4 * cfg.bq * d * item
+        "dk/dv", cfg, 2 * cfg.bk * d * item, 4 * cfg.bq * d * item
     )
     ring = lambda shape, dt=dtype, **kw: plgpu.SMEM((dkv_stages, *shape), dt, **kw)  # noqa: E731
     dk, dv = plgpu.kernel(
@@ -609,7 +623,7 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
         scratch_types=[
             plgpu.SMEM((cfg.bk, d), dtype, transforms=tile),  # k, then dk
             plgpu.SMEM((cfg.bk, d), dtype, transforms=tile),  # v, then dv
-            plgpu.SMEM((cfg.bk, cfg.bq), dtype, transforms=tile),  # P^T, then dS^T
+            _staging(cfg, (cfg.bk, cfg.bq), dtype, tile),  # P^T, then dS^T
             plgpu.SMEM((cfg.bk,), jnp.int32),  # kv segment ids
             ring((cfg.bq, d), transforms=tile),  # q
             ring((d, cfg.bq), transforms=tile),  # q^T
