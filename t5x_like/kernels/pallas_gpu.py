@@ -7,14 +7,10 @@ of ``t5x_like.kernels.attention`` (top-left causal, sliding window, segment ids,
 and zero gradients for rows that see no key); the block bookkeeping is shared with
 the TPU kernel (``kernels/flash_blocks.py``).
 
-* **Forward**: one program per (batch row, head, q block of 128), the q block split
-  over two compute warpgroups of 64 rows (FA3's shape). Each warpgroup's q rows go to
-  SMEM once; the kv blocks of the q block's visible range stream through a ring of
-  ``stages`` SMEM slots by TMA that both warpgroups read (warpgroup 0 requests block
-  ``t + stages - 1`` while block ``t`` computes, once both have released the slot
-  on a barrier), so k/v cross SMEM once per 128 queries; one warpgroup's softmax may
-  overlap the other's wgmma, as the warp schedulers interleave them (nothing enforces
-  it: FA3's producer warpgroup and ping-pong barriers are not here). ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
+* **Forward**: one warpgroup per (q block, head, batch row). The q block goes to
+  SMEM once; the kv blocks of the row's visible range stream through a ring of
+  ``stages`` SMEM slots by TMA (block ``t + stages - 1`` is requested while block
+  ``t`` computes); ``q k^T`` and ``p v`` run on the tensor cores (``wgmma``, fp32
   accumulators in registers, ``p`` read from registers) with an online softmax in
   between; element masks are built only for blocks not wholly visible. Out and the
   per-row logsumexp are written once, through SMEM, by TMA. The grid launches a
@@ -23,8 +19,8 @@ the TPU kernel (``kernels/flash_blocks.py``).
   its visible kv blocks) and a dk/dv kernel (per kv block and kv head, over the query
   heads of the group and their visible q blocks, so GQA needs no copies of k/v and no
   sum over repeats). Split for the reason the TPU kernel gives: a fused kernel would
-  have to add dq contributions into blocks other CTAs own. Both run one warpgroup on
-  64 x 64 blocks whatever the forward's, so dk and dv fit its registers.
+  have to add dq contributions into blocks other CTAs own. Both take 64-key blocks
+  whatever the forward's, so dk and dv fit one warpgroup's registers.
 * **Block skipping**: each program walks only the first..last visible block of its
   row (causal triangle, window band, disjoint segment-id ranges; ``block_meta``), so
   skipped blocks are neither fetched nor computed. Blocks inside that range that see
@@ -71,12 +67,9 @@ MAX_TILE = 256  # wgmma's N and TMA's box dimensions stop at 256
 SWIZZLE_BYTES = 128
 SMEM_BYTES = 227 * 1024  # per block on H100 / H200
 SMEM_BUDGET_BYTES = SMEM_BYTES - 8 * 1024  # leaves room for vectors, barriers, reduction scratch
-# The forward splits its q block over up to two compute warpgroups of 64 rows that share
-# the k/v stream (FA3's shape); more would not fit the register file at head_dim 128.
-MAX_WARPGROUPS = 2
-# The backward kernels take 64 x 64 blocks whatever the forward's: one warpgroup each,
-# and dk / dv, two fp32 [keys, head_dim] accumulators, in its registers (255 per thread).
-BACKWARD_BLOCKS = (64, 64)
+# The backward kernels take 64 keys per block whatever the forward's: dk and dv are two
+# fp32 [keys, head_dim] accumulators in one warpgroup's registers (255 per thread).
+BACKWARD_BLOCK_K = 64
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 # SMEM is sized for the 16-bit inputs a GPU runs; fp32 (interpret mode only) gets the
 # same ring depths, so the interpreter runs the GPU's pipeline shape.
@@ -84,18 +77,15 @@ GPU_ITEM_BYTES = 2
 
 
 def _block_sizes(spec: attention.AttentionSpec) -> tuple[int, int]:
-    """The forward's ``spec.block_sizes`` or defaults: 128 query rows (two warpgroups
-    of 64, wgmma's M); 128 keys up to head_dim 128, 64 beyond, to keep the fp32 tiles
-    in registers."""
+    """``spec.block_sizes`` or defaults (64 query rows: one warpgroup's wgmma; 128
+    keys up to head_dim 128, 64 beyond, to keep the fp32 tiles in registers)."""
     if spec.block_sizes is None:
-        return MAX_WARPGROUPS * WGMMA_ROWS, 128 if spec.head_dim <= 128 else WGMMA_ROWS
+        return WGMMA_ROWS, 128 if spec.head_dim <= 128 else WGMMA_ROWS
     bq, bk = spec.block_sizes
-    if (bq % WGMMA_ROWS or bk % WGMMA_ROWS or bq > MAX_WARPGROUPS * WGMMA_ROWS
-            or bk > MAX_TILE):
+    if bq % WGMMA_ROWS or bk % WGMMA_ROWS or max(bq, bk) > MAX_TILE:
         raise ValueError(
             f"implementation='pallas_gpu' needs block sizes that are multiples of "
-            f"{WGMMA_ROWS} (the wgmma tile), block_q at most {MAX_WARPGROUPS * WGMMA_ROWS} "
-            f"({MAX_WARPGROUPS} warpgroups) and block_k at most {MAX_TILE}, got "
+            f"{WGMMA_ROWS} (the wgmma tile) and at most {MAX_TILE}, got "
             f"block_sizes={spec.block_sizes}"
         )
     return bq, bk
@@ -202,14 +192,6 @@ def _in_layout(cfg: fb.FlashConfig, x, layout):
     return x if cfg.interpret else plgpu.layout_cast(x, layout)
 
 
-def _staging(cfg: fb.FlashConfig, shape, dtype, tile):
-    """SMEM for ``_mma_add``'s interpret-mode staging; a token 8 x 64 tile on a GPU, where
-    wgmma reads the operand from registers (so the SMEM budget leaves it out)."""
-    if cfg.interpret:
-        return plgpu.SMEM(shape, dtype, transforms=tile)
-    return plgpu.SMEM((*shape[:-2], 8, 64), dtype)
-
-
 def _zeros(cfg: fb.FlashConfig, shape):
     return _in_layout(cfg, jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
 
@@ -239,16 +221,15 @@ def _spread(vector, shape, axis: int):
     return lax.broadcast_in_dim(vector, shape, [axis])
 
 
-def _prefetch(n, stages: int, streams, issuer=True):
+def _prefetch(n, stages: int, streams):
     """Requests the first ``stages - 1`` blocks of ``streams`` (issue it before waiting
     on anything else, so the ring fills while the rest loads).
 
     ``streams``: ``(source(t) -> GMEM view, SMEM ring [stages, ...], barriers
-    [stages])`` triples, block ``t`` into slot ``t % stages``. ``issuer``: whether
-    this warpgroup issues the copies (one does when several share the ring).
+    [stages])`` triples, block ``t`` into slot ``t % stages``.
     """
     for t in range(stages - 1):
-        pl.when((t < n) & issuer)(functools.partial(_fetch, stages, streams, t))
+        pl.when(t < n)(functools.partial(_fetch, stages, streams, t))
 
 
 def _fetch(stages: int, streams, t):
@@ -257,42 +238,20 @@ def _fetch(stages: int, streams, t):
         plgpu.copy_gmem_to_smem(source(t), ring.at[slot], barriers.at[slot])
 
 
-def _stream_loop(n, stages: int, streams, step, carry, issuer=True, consumed=None):
+def _stream_loop(n, stages: int, streams, step, carry):
     """Runs ``step(t, buffers, carry)`` for ``t < n`` while TMA streams the blocks
     (after :func:`_prefetch`). Block ``t + stages - 1`` is requested before block
-    ``t`` is computed, into the slot of block ``t - 1``. With one warpgroup that block
-    is done (every product's result is read before a step returns). When several
-    share the ring, each arrives on ``consumed[slot]`` (barriers expecting all of them)
-    after its step, and the issuer waits for that before refilling the slot.
-    """
-
-    def refill(t):
-        if consumed is not None:
-            pl.when(t >= 1)(lambda: plgpu.barrier_wait(consumed.at[(t - 1) % stages]))
-        _fetch(stages, streams, t + stages - 1)
+    ``t`` is computed; its slot held block ``t - 1``, whose wgmmas have completed
+    (every product's result is read before the step returns)."""
 
     def body(t, carry):
-        pl.when((t + stages - 1 < n) & issuer)(lambda: refill(t))
+        pl.when(t + stages - 1 < n)(lambda: _fetch(stages, streams, t + stages - 1))
         slot = t % stages
         for _, ring, barriers in streams:
             plgpu.barrier_wait(barriers.at[slot])
-        carry = step(t, [ring.at[slot] for _, ring, _ in streams], carry)
-        if consumed is not None:
-            plgpu.barrier_arrive(consumed.at[slot])
-        return carry
+        return step(t, [ring.at[slot] for _, ring, _ in streams], carry)
 
     return lax.fori_loop(0, n, body, carry)
-
-
-def _drain(n, stages: int, consumed, issuer):
-    """The issuer observes the consumed phases of the last block of each slot, never
-    refilled so never waited on (interpret mode requires every phase observed before
-    a barrier is freed; on a GPU it is a short wait at the end)."""
-
-    def wait(t, _):
-        plgpu.barrier_wait(consumed.at[t % stages])
-
-    pl.when(issuer)(lambda: lax.fori_loop(jnp.maximum(n - stages, 0), n, wait, None))
 
 
 def _query_program(cfg: fb.FlashConfig, meta: fb.BlockMeta):
@@ -322,17 +281,15 @@ def _visible_logits(cfg: fb.FlashConfig, s, full, mask):
     return lax.cond(full, lambda s: s, lambda s: jnp.where(mask(), s, -jnp.inf), s)
 
 
-def _query_block_logits(cfg: fb.FlashConfig, meta, b, i, j, first_row, q_smem, kt, q_ids,
-                        kv_ids_ref):
-    """Masked, scaled ``q k^T`` of the rows of q block ``i`` in ``q_smem`` (from
-    ``first_row`` on) and kv block ``j`` (the forward's and dq's orientation).
-    ``q_ids``: those rows' ids spread over the tile; ``kv_ids_ref``: ``[the kv block's
-    id SMEM slot]``, empty without segments. Whole-block facts are the q block's."""
-    tile = (q_smem.shape[0], cfg.bk)
+def _query_block_logits(cfg: fb.FlashConfig, meta, b, i, j, q_smem, kt, q_ids, kv_ids_ref):
+    """Masked, scaled ``q k^T`` ``[bq, bk]`` of q block ``i`` and kv block ``j`` (the
+    forward's and dq's orientation). ``q_ids``: the q block's ids spread over the
+    tile; ``kv_ids_ref``: ``[the kv block's id SMEM slot]``, empty without segments."""
+    tile = (cfg.bq, cfg.bk)
 
     def mask():
         kv_ids = _spread(_vector(cfg, kv_ids_ref[0], 0), tile, 1) if cfg.segmented else None
-        q_pos, kv_pos = first_row + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1)
+        q_pos, kv_pos = i * cfg.bq + _iota(cfg, tile, 0), j * cfg.bk + _iota(cfg, tile, 1)
         return fb.element_mask(cfg, q_pos, kv_pos, q_ids, kv_ids)
 
     return _visible_logits(cfg, _mma(q_smem, kt, tile), fb.block_full(cfg, meta, b, i, j), mask)
@@ -357,37 +314,29 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
     meta = fb.BlockMeta(*refs[:8])
     q_ref, kt_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref = refs[8:15]
     (q_smem, p_smem, kt_ring, v_ring, qs_smem, ks_ring, lse_smem,
-     q_bar, kt_bar, v_bar, ks_bar, consumed) = refs[15:]
-    b, h, kh, i, lo, n, _ = _query_program(cfg, meta)
-    # Warpgroup wg computes rows [64 wg, 64 wg + 64) of the q block; warpgroup 0 also
-    # streams the k/v blocks both use (the whole q block's visible range).
-    wg, wgs = lax.axis_index("wg"), cfg.bq // WGMMA_ROWS
-    first_row = i * cfg.bq + wg * WGMMA_ROWS
-    rows = pl.ds(first_row, WGMMA_ROWS)
-    q_smem, p_smem, qs_smem, lse_smem = (x.at[wg] for x in (q_smem, p_smem, qs_smem, lse_smem))
+     q_bar, kt_bar, v_bar, ks_bar) = refs[15:]
+    b, h, kh, i, lo, n, q_rows = _query_program(cfg, meta)
 
-    issuer = wg == 0
+    plgpu.copy_gmem_to_smem(q_ref.at[b, h, q_rows], q_smem, q_bar.at[0])
     streams = [
         (lambda t: kt_ref.at[b, kh, :, pl.ds((lo + t) * cfg.bk, cfg.bk)], kt_ring, kt_bar),
         (lambda t: v_ref.at[b, kh, pl.ds((lo + t) * cfg.bk, cfg.bk)], v_ring, v_bar),
     ]
     if cfg.segmented:
+        plgpu.copy_gmem_to_smem(qs_ref.at[b, q_rows], qs_smem, q_bar.at[1])
         streams.append((lambda t: ks_ref.at[b, pl.ds((lo + t) * cfg.bk, cfg.bk)], ks_ring, ks_bar))
-    _prefetch(n, stages, streams, issuer)
-    plgpu.copy_gmem_to_smem(q_ref.at[b, h, rows], q_smem, q_bar.at[wg])
-    if cfg.segmented:
-        plgpu.copy_gmem_to_smem(qs_ref.at[b, rows], qs_smem, q_bar.at[wgs + wg])
-    plgpu.barrier_wait(q_bar.at[wg])
-    tile = (WGMMA_ROWS, cfg.bk)
+    _prefetch(n, stages, streams)
+    plgpu.barrier_wait(q_bar.at[0])
+    tile = (cfg.bq, cfg.bk)
     q_ids = None
     if cfg.segmented:
-        plgpu.barrier_wait(q_bar.at[wgs + wg])
+        plgpu.barrier_wait(q_bar.at[1])
         q_ids = _spread(_vector(cfg, qs_smem, 1), tile, 0)
 
     def step(t, buffers, carry):
         acc, m, l = carry
         kt, v = buffers[0], buffers[1]
-        s = _query_block_logits(cfg, meta, b, i, lo + t, first_row, q_smem, kt, q_ids, buffers[2:])
+        s = _query_block_logits(cfg, meta, b, i, lo + t, q_smem, kt, q_ids, buffers[2:])
         m_new = jnp.maximum(m, s.max(axis=1))
         # A row that has seen nothing yet keeps m = -inf: shift by 0 so exp gives zeros.
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -399,20 +348,16 @@ def _fwd_body(cfg: fb.FlashConfig, stages: int, refs):
         return acc, m_new, l
 
     init = (
-        _zeros(cfg, (WGMMA_ROWS, q_smem.shape[-1])),
-        _row_vector(cfg, -jnp.inf, WGMMA_ROWS),
-        _row_vector(cfg, 0.0, WGMMA_ROWS),
+        _zeros(cfg, (cfg.bq, q_smem.shape[-1])),
+        _row_vector(cfg, -jnp.inf, cfg.bq),
+        _row_vector(cfg, 0.0, cfg.bq),
     )
-    acc, m, l = _stream_loop(
-        n, stages, streams, step, init, issuer, consumed if wgs > 1 else None
-    )
+    acc, m, l = _stream_loop(n, stages, streams, step, init)
     seen = l > 0
     l_safe = jnp.where(seen, l, 1.0)
     out = (acc / _spread(l_safe, acc.shape, 0)).astype(q_smem.dtype)
-    _write(out, q_smem, o_ref.at[b, h, rows])
-    _write(jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), lse_smem, lse_ref.at[b, h, rows])
-    if wgs > 1:
-        _drain(n, stages, consumed, issuer)
+    _write(out, q_smem, o_ref.at[b, h, q_rows])
+    _write(jnp.where(seen, m + jnp.log(l_safe), -jnp.inf), lse_smem, lse_ref.at[b, h, q_rows])
     plgpu.wait_smem_to_gmem(0)
 
 
@@ -421,21 +366,19 @@ def _forward(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
     batch, heads, tq, d = q.shape
     dtype, item = q.dtype, GPU_ITEM_BYTES
     tile = _tile(dtype)
-    wgs = cfg.bq // WGMMA_ROWS
-    stages = _stages("forward", cfg, cfg.bq * d * item, 2 * cfg.bk * d * item)
+    stages = _stages("forward", cfg, (cfg.bq * d + cfg.bq * cfg.bk) * item, 2 * cfg.bk * d * item)
     scratch = [
-        plgpu.SMEM((wgs, WGMMA_ROWS, d), dtype, transforms=tile),  # q, then the output
-        _staging(cfg, (wgs, WGMMA_ROWS, cfg.bk), dtype, tile),  # probabilities
+        plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # q, then the output
+        plgpu.SMEM((cfg.bq, cfg.bk), dtype, transforms=tile),  # probabilities
         plgpu.SMEM((stages, d, cfg.bk), dtype, transforms=tile),  # k^T ring
         plgpu.SMEM((stages, cfg.bk, d), dtype, transforms=tile),  # v ring
-        plgpu.SMEM((wgs, WGMMA_ROWS), jnp.int32),  # q segment ids
+        plgpu.SMEM((cfg.bq,), jnp.int32),  # q segment ids
         plgpu.SMEM((stages, cfg.bk), jnp.int32),  # kv segment ids ring
-        plgpu.SMEM((wgs, WGMMA_ROWS), jnp.float32),  # logsumexp
-        plgpu.Barrier(num_barriers=2 * wgs),  # q, q ids (per warpgroup)
+        plgpu.SMEM((cfg.bq,), jnp.float32),  # logsumexp
+        plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_barriers=stages),
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),  # ring slot consumed
     ]
     return plgpu.kernel(
         lambda *refs: _fwd_body(cfg, stages, refs),
@@ -446,8 +389,6 @@ def _forward(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
         scratch_types=scratch,
         grid=(batch, heads, cfg.nq),
         grid_names=("b", "h", "q"),
-        num_threads=wgs,
-        thread_name="wg",
         interpret=_interpret_params(cfg.interpret),
     )(*meta, q, jnp.swapaxes(k, 2, 3), v, *_segment_args(cfg, qs, ks))
 
@@ -493,9 +434,7 @@ def _dq_body(cfg: fb.FlashConfig, stages: int, refs):
 
     def step(t, buffers, dq):
         kt, vt, k = buffers[:3]
-        s = _query_block_logits(
-            cfg, meta, b, i, lo + t, i * cfg.bq, q_smem, kt, q_ids, buffers[3:]
-        )
+        s = _query_block_logits(cfg, meta, b, i, lo + t, q_smem, kt, q_ids, buffers[3:])
         p = jnp.exp(s - lse)
         dp = _mma(do_smem, vt, tile)
         ds = p * (dp - delta) * jnp.float32(cfg.scale)
@@ -590,14 +529,14 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
     qt, dot, kt, vt = (jnp.swapaxes(x, 2, 3) for x in (q, do, k, v))
     segments = _segment_args(cfg, qs, ks)
 
-    dq_stages = _stages("dq", cfg, 2 * cfg.bq * d * item, 3 * cfg.bk * d * item)
+    dq_stages = _stages("dq", cfg, (2 * cfg.bq * d + cfg.bq * cfg.bk) * item, 3 * cfg.bk * d * item)
     dq = plgpu.kernel(
         lambda *refs: _dq_body(cfg, dq_stages, refs),
         out_type=jax.ShapeDtypeStruct(q.shape, dtype),
         scratch_types=[
             plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # q, then dq
             plgpu.SMEM((cfg.bq, d), dtype, transforms=tile),  # dO
-            _staging(cfg, (cfg.bq, cfg.bk), dtype, tile),  # dS
+            plgpu.SMEM((cfg.bq, cfg.bk), dtype, transforms=tile),  # dS
             plgpu.SMEM((cfg.bq,), jnp.float32),  # logsumexp
             plgpu.SMEM((cfg.bq,), jnp.float32),  # delta
             plgpu.SMEM((cfg.bq,), jnp.int32),  # q segment ids
@@ -614,7 +553,7 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
     )(*meta, q, do, lse, delta, kt, vt, k, *segments)
 
     dkv_stages = _stages(
-        "dk/dv", cfg, 2 * cfg.bk * d * item, 4 * cfg.bq * d * item
+        "dk/dv", cfg, (2 * cfg.bk * d + cfg.bk * cfg.bq) * item, 4 * cfg.bq * d * item
     )
     ring = lambda shape, dt=dtype, **kw: plgpu.SMEM((dkv_stages, *shape), dt, **kw)  # noqa: E731
     dk, dv = plgpu.kernel(
@@ -623,7 +562,7 @@ def _backward(cfg: fb.FlashConfig, q, k, v, do, lse, delta, qs, ks, meta: fb.Blo
         scratch_types=[
             plgpu.SMEM((cfg.bk, d), dtype, transforms=tile),  # k, then dk
             plgpu.SMEM((cfg.bk, d), dtype, transforms=tile),  # v, then dv
-            _staging(cfg, (cfg.bk, cfg.bq), dtype, tile),  # P^T, then dS^T
+            plgpu.SMEM((cfg.bk, cfg.bq), dtype, transforms=tile),  # P^T, then dS^T
             plgpu.SMEM((cfg.bk,), jnp.int32),  # kv segment ids
             ring((cfg.bq, d), transforms=tile),  # q
             ring((d, cfg.bq), transforms=tile),  # q^T
@@ -657,32 +596,21 @@ def _flash_fwd(cfg: fb.FlashConfig, q, k, v, qs, ks, meta: fb.BlockMeta):
 
 def _flash_bwd(cfg: fb.FlashConfig, residuals, d_out):
     q, k, v, qs, ks, out, lse = residuals
-    # The backward takes 64 x 64 blocks (BACKWARD_BLOCKS) whatever the forward's; the
-    # forward's padding may hold whole 64-row blocks of padding, cut off here and
+    # The backward takes 64-key blocks (BACKWARD_BLOCK_K) whatever the forward's; the
+    # forward's padding may hold whole 64-key blocks of padding, cut off here and
     # given zero gradients.
-    cfg = dataclasses.replace(cfg, bq=BACKWARD_BLOCKS[0], bk=BACKWARD_BLOCKS[1])
-    q_extra, kv_extra = q.shape[2] - cfg.nq * cfg.bq, k.shape[2] - cfg.nk * cfg.bk
-    q, out, d_out, lse = (_cut(x, q_extra, 2) for x in (q, out, d_out, lse))
-    k, v = (_cut(x, kv_extra, 2) for x in (k, v))
-    qs, ks = _cut(qs, q_extra, 1), _cut(ks, kv_extra, 1)
+    cfg = dataclasses.replace(cfg, bk=BACKWARD_BLOCK_K)
+    kv_rows = cfg.nk * cfg.bk
+    extra = k.shape[2] - kv_rows
+    if extra:
+        k, v = k[:, :, :kv_rows], v[:, :, :kv_rows]
+        ks = None if ks is None else ks[:, :kv_rows]
     meta = fb.block_meta(cfg, q.shape[0], qs, ks)
     lse, delta = fb.backward_row_terms(d_out, out, lse)
     dq, dk, dv = _backward(cfg, q, k, v, d_out.astype(q.dtype), lse, delta, qs, ks, meta)
-    dq = _zero_extend(dq, q_extra)
-    dk, dv = (_zero_extend(x, kv_extra) for x in (dk, dv))
+    if extra:
+        dk, dv = (jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) for x in (dk, dv))
     return dq, dk, dv, None, None, None
-
-
-def _cut(x, extra: int, axis: int):
-    """``x`` without its last ``extra`` entries along ``axis`` (None stays None)."""
-    if x is None or not extra:
-        return x
-    return lax.slice_in_dim(x, 0, x.shape[axis] - extra, axis=axis)
-
-
-def _zero_extend(x, extra: int):
-    """Gradients ``[b, heads, T, d]`` padded with ``extra`` zero rows along T."""
-    return jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0))) if extra else x
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
