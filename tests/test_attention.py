@@ -312,6 +312,16 @@ def attend_and_grads(q, k, v, d_out, *, implementation, q_seg=None, kv_seg=None,
     return (out,) + tuple(grads)
 
 
+def assert_blind_rows_are_zero(got, want, rows, tol=1e-5):
+    """Rows that see no key: finite everywhere, zero output and dq there, the rest
+    matching the reference."""
+    out, dq = np.asarray(got[0]), np.asarray(got[1])
+    for x in got:
+        assert np.all(np.isfinite(np.asarray(x, np.float32)))
+    assert np.all(out[:, rows] == 0.0) and np.all(dq[:, rows] == 0.0)
+    assert_matches(got, want, tol, "blind rows")
+
+
 def run_kernel_case(implementation, case, dtype, seed=0):
     """One ``(name, b, tq, tk, h, kh, d, causal, docs, window, blocks)`` case of the
     Pallas kernels' tests: (got, float64 reference); "padded" in the name pads 5 ids."""

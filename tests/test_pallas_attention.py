@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from t5x_like.kernels import attention, flash_blocks
 from t5x_like.kernels.attention import AttentionSpec, dot_product_attention
 from test_attention import (
-    assert_matches, attend_and_grads, packed_segments, random_inputs, reference, run_kernel_case,
+    assert_blind_rows_are_zero, assert_matches, attend_and_grads, packed_segments, random_inputs, reference, run_kernel_case,
 )
 
 IMPLEMENTATION = "pallas"
@@ -65,14 +65,6 @@ def test_default_blocks_pad_a_short_sequence():
 
 
 # ------------------------------------------------------- rows that see no key
-
-
-def assert_blind_rows_are_zero(got, want, rows):
-    out, dq = np.asarray(got[0]), np.asarray(got[1])
-    for x in got:
-        assert np.all(np.isfinite(np.asarray(x, np.float32)))
-    assert np.all(out[:, rows] == 0.0) and np.all(dq[:, rows] == 0.0)
-    assert_matches(got, want, 1e-5, "blind rows")
 
 
 def test_query_ids_missing_on_the_kv_side_give_zeros():

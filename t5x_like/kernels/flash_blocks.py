@@ -259,3 +259,19 @@ def backward_row_terms(d_out, out, lse):
     saw nothing (lse = -inf, every logit -inf) shifted by 0, so p = exp(-inf) = 0 there."""
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     return jnp.where(jnp.isfinite(lse), lse, 0.0), delta
+
+
+def check_platform(implementation: str, platform: str, hardware: str, interpret: bool) -> None:
+    """A kernel compiled only for ``platform`` ("gpu", "tpu"): elsewhere it needs the
+    interpreter."""
+    backend = jax.default_backend()
+    if backend != platform and not interpret:
+        raise ValueError(
+            f"implementation={implementation!r} compiles only for {hardware} (jax's default "
+            f"backend is {backend!r}); pass interpret=True to run it in the Pallas interpreter"
+        )
+
+
+def tokens_major(out: jax.Array, q_len: int) -> jax.Array:
+    """A kernel's heads-major, padded ``[b, H, T, d]`` output back to ``[b, q_len, H, d]``."""
+    return out.transpose(0, 2, 1, 3)[:, :q_len]

@@ -624,19 +624,13 @@ def pallas_gpu_attention(
     q, k, v, q_segment_ids, kv_segment_ids, spec: attention.AttentionSpec, *, interpret
 ):
     """The ``attention.Backend`` for NVIDIA Hopper GPUs (and CPU with ``interpret=True``)."""
-    platform = jax.default_backend()
-    if platform != "gpu" and not interpret:
-        raise ValueError(
-            f"implementation='pallas_gpu' compiles only for NVIDIA GPUs (jax's default backend "
-            f"is {platform!r}); pass interpret=True to run it in Mosaic GPU's interpreter"
-        )
+    fb.check_platform("pallas_gpu", "gpu", "NVIDIA GPUs", interpret)
     _check_inputs(q, spec, bool(interpret))
     bq, bk = _block_sizes(spec)
     cfg, qh, kh, vh, qs, ks, meta = fb.prepare(
         spec, q, k, v, q_segment_ids, kv_segment_ids, bq, bk, interpret
     )
-    out = _flash(cfg, qh, kh, vh, qs, ks, meta)
-    return out.transpose(0, 2, 1, 3)[:, : spec.q_len]
+    return fb.tokens_major(_flash(cfg, qh, kh, vh, qs, ks, meta), spec.q_len)
 
 
 __all__ = ["pallas_gpu_attention"]

@@ -402,21 +402,15 @@ def pallas_tpu_attention(
     q, k, v, q_segment_ids, kv_segment_ids, spec: attention.AttentionSpec, *, interpret
 ):
     """The ``attention.Backend`` for TPUs (and CPU with ``interpret=True``)."""
-    platform = jax.default_backend()
-    if platform != "tpu" and not interpret:
-        raise ValueError(
-            f"implementation='pallas_tpu' compiles only for TPUs (jax's default backend is "
-            f"{platform!r}); pass interpret=True to run it in the Pallas interpreter"
-        )
-    bq, bk = _block_sizes(spec, on_tpu=platform == "tpu" and not interpret)
+    fb.check_platform("pallas_tpu", "tpu", "TPUs", interpret)
+    bq, bk = _block_sizes(spec, on_tpu=jax.default_backend() == "tpu" and not interpret)
     cfg, qt, kt, vt, qs, ks, meta = fb.prepare(
         spec, q, k, v, q_segment_ids, kv_segment_ids, bq, bk, interpret
     )
     if cfg.segmented:
         qs = jnp.broadcast_to(qs[:, :, None], (*qs.shape, NUM_LANES))
         ks = jnp.broadcast_to(ks[:, None, :], (ks.shape[0], NUM_SUBLANES, ks.shape[1]))
-    out = _flash(cfg, qt, kt, vt, qs, ks, meta)
-    return out.transpose(0, 2, 1, 3)[:, : spec.q_len]
+    return fb.tokens_major(_flash(cfg, qt, kt, vt, qs, ks, meta), spec.q_len)
 
 
 __all__ = ["DEFAULT_BLOCK_K", "DEFAULT_BLOCK_Q", "pallas_tpu_attention"]
