@@ -22,10 +22,11 @@ Equivalent environment variables for other launchers:
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import sys
 import warnings
+
+from t5x_like import host_platform
 
 ENV = "T5X_LIKE_MALLOC"
 CHOICES = ("auto", "on", "off")
@@ -33,7 +34,6 @@ DEFAULT = "off"
 # mallopt parameters from glibc's malloc.h.
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 _TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest is ~2 GB
-_ACCELERATOR_NODES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")
 
 # What configure() did, for logs and tests: None until it runs.
 applied: bool | None = None
@@ -50,7 +50,7 @@ def wanted(env: dict | None = None) -> bool:
     platforms = env.get("JAX_PLATFORMS", "").strip()
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
-    return not any(glob.glob(pattern) for pattern in _ACCELERATOR_NODES)
+    return not host_platform.has_accelerator()
 
 
 def _jax_backend_started() -> bool:
