@@ -23,6 +23,15 @@ Masking semantics, shared by every backend:
 
 Backends register themselves in ``IMPLEMENTATIONS``; the Pallas kernels plug in
 there. Every backend is tested against a float64 numpy reference.
+
+Sharding. XLA partitions the pure-JAX backends (``xla``, ``chunked``) and cuDNN's
+call by itself. A Pallas kernel is one opaque custom call that XLA cannot split
+(Mosaic TPU refuses to compile it on more than one chip; on GPUs every device would
+gather the whole batch), so the backends registered ``per_device`` run inside
+``jax.shard_map`` over the mesh set by ``jax.set_mesh``: the batch split over the
+mesh axes of ``shard_axes.batch`` and the heads over ``shard_axes.heads`` (the
+logical rules give both; the model layer passes them). Each device's kernel then
+sees its own shard. A length split over ``sequence`` goes to ring attention.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from t5x_like.kernels import chunked as _chunked
+from t5x_like.kernels import compile_target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +83,37 @@ class Backend(Protocol):
 
 
 IMPLEMENTATIONS: dict[str, Backend] = {}
+# Backends that see one device's shard (custom calls XLA cannot partition).
+PER_DEVICE: set[str] = set()
 
 
-def register(name: str) -> Callable[[Backend], Backend]:
-    """Decorator that adds a backend under ``name`` (used by kernels/pallas_*.py)."""
+def register(name: str, *, per_device: bool = False) -> Callable[[Backend], Backend]:
+    """Decorator that adds a backend under ``name`` (used by kernels/pallas_*.py).
+
+    ``per_device``: the backend is called inside ``jax.shard_map`` on each device's
+    shard of the batch and heads (see the module doc)."""
 
     def wrap(fn: Backend) -> Backend:
         IMPLEMENTATIONS[name] = fn
+        if per_device:
+            PER_DEVICE.add(name)
         return fn
 
     return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardAxes:
+    """The mesh axes that split the operands' ``batch``, ``length`` and heads.
+
+    The defaults are what ``partitioning.DEFAULT_RULES`` give; the model layer passes
+    what the active rules give. Axes absent from the mesh, of size 1 or already
+    manual (inside another ``shard_map``) are skipped."""
+
+    batch: tuple[str, ...] = ("data", "fsdp")
+    length: tuple[str, ...] = ("sequence",)
+    heads: tuple[str, ...] = ("tensor",)
+    kv_heads: tuple[str, ...] = ("tensor",)
 
 
 def dot_product_attention(
@@ -98,6 +129,7 @@ def dot_product_attention(
     scale: float | None = None,
     block_sizes: tuple[int, int] | None = None,
     sliding_window: int | None = None,
+    shard_axes: ShardAxes | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention; returns ``[batch, q_len, heads, head_dim]`` in q's dtype.
 
@@ -107,7 +139,8 @@ def dot_product_attention(
     in interpret mode (needed on CPU). ``scale`` defaults to ``head_dim ** -0.5``.
     ``block_sizes`` ``(block_q, block_k)`` tunes blockwise backends (others ignore it).
     ``sliding_window`` (an int >= 1) restricts each query to a local window of keys
-    (see the module doc).
+    (see the module doc). ``shard_axes``: the mesh axes of the operands' dimensions,
+    for the backends that run per device (default :class:`ShardAxes`).
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
@@ -123,9 +156,83 @@ def dot_product_attention(
         kv_segment_ids = segment_ids
     if kv_segment_ids is not None and segment_ids is None:
         raise ValueError("kv_segment_ids was given without segment_ids (the query side's ids)")
+    if implementation in PER_DEVICE:
+        return _per_device(
+            implementation, q, k, v, segment_ids, kv_segment_ids, spec, interpret,
+            shard_axes or ShardAxes(),
+        )
     return IMPLEMENTATIONS[implementation](
         q, k, v, segment_ids, kv_segment_ids, spec, interpret=interpret
     )
+
+
+def _per_device(name, q, k, v, q_segment_ids, kv_segment_ids, spec, interpret, axes: ShardAxes):
+    """Runs backend ``name`` on each device's shard under ``jax.shard_map`` (module doc)."""
+    backend = IMPLEMENTATIONS[name]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return backend(q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret)
+    manual = set(getattr(mesh, "manual_axes", ()))
+
+    def split(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1 and a not in manual)
+
+    length = split(axes.length)
+    if length and spec.q_len == spec.kv_len and spec.sliding_window is None:
+        if length != ("sequence",):
+            raise ValueError(
+                f"attention: the length is split over mesh axes {length}; ring attention "
+                "runs over the 'sequence' axis only. Map 'length' to 'sequence' in the rules"
+            )
+        # Context parallelism: a kernel on a length shard would miss the other keys.
+        return IMPLEMENTATIONS["ring"](
+            q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret
+        )
+    batch, heads = split(axes.batch), split(axes.heads)
+    if heads != split(axes.kv_heads):
+        raise ValueError(
+            f"attention implementation={name!r}: heads are split over {heads} but kv_heads "
+            f"over {split(axes.kv_heads)}; a device's query heads need their kv heads, so "
+            "map 'heads' and 'kv_heads' to the same mesh axes"
+        )
+    if not batch and not heads:
+        return backend(q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret)
+    parts_b = _parts(mesh, batch)
+    parts_h = _parts(mesh, heads)
+    for what, size, parts, names in (
+        ("batch", spec.batch, parts_b, batch),
+        ("heads", spec.heads, parts_h, heads),
+        ("kv_heads", spec.kv_heads, parts_h, heads),
+    ):
+        if size % parts:
+            raise ValueError(
+                f"attention implementation={name!r}: {what}={size} does not divide mesh axes "
+                f"{names} (size {parts}); each device runs the kernel on its shard"
+            )
+    local = dataclasses.replace(
+        spec, batch=spec.batch // parts_b, heads=spec.heads // parts_h,
+        kv_heads=spec.kv_heads // parts_h,
+    )
+    qkv = jax.sharding.PartitionSpec(batch or None, None, heads or None, None)
+    ids = jax.sharding.PartitionSpec(batch or None, None)
+
+    def per_device(q, k, v, qs, ks):
+        return backend(q, k, v, qs, ks, local, interpret=interpret)
+
+    # Manual over every axis not already manual: the unnamed ones see whole operands
+    # (a length split over another axis is gathered). check_vma=False: the kernels'
+    # custom_vjp cotangents carry no varying-axes types.
+    return jax.shard_map(
+        per_device, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids), out_specs=qkv,
+        axis_names=set(mesh.axis_names) - manual, check_vma=False,
+    )(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _parts(mesh, names: tuple[str, ...]) -> int:
+    size = 1
+    for name in names:
+        size *= int(mesh.shape[name])
+    return size
 
 
 def _validate(
@@ -279,11 +386,12 @@ def _cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec
             "implementation='cudnn' supports sliding_window only with causal=True (cuDNN "
             "has no right-hand window); use implementation='xla' or 'chunked'"
         )
-    backend = jax.default_backend()
-    if backend != "gpu":
+    target = compile_target.platform()
+    if target != "gpu":
         raise RuntimeError(
-            f"implementation='cudnn' needs an NVIDIA GPU, but jax's default backend is "
-            f"{backend!r}; use implementation='xla' or 'chunked' here"
+            f"implementation='cudnn' needs an NVIDIA GPU, but this call compiles for "
+            f"{target!r} (the mesh's devices, else jax's default backend); use "
+            "implementation='xla' or 'chunked' here"
         )
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(
@@ -352,17 +460,17 @@ def _lazy_backend(name: str, module: str) -> Backend:
 
 
 for _name, _module in _PALLAS_MODULES.items():
-    register(_name)(_lazy_backend(_name, _module))
+    register(_name, per_device=True)(_lazy_backend(_name, _module))
 
 # Ring attention (context parallelism over the `sequence` mesh axis) imports this module.
 register("ring")(_lazy_backend("ring", "t5x_like.kernels.ring"))
 
 
-@register("pallas")
+@register("pallas", per_device=True)
 def _pallas_attention(q, k, v, q_segment_ids, kv_segment_ids, spec: AttentionSpec, *, interpret):
-    """The platform's Pallas kernel: Mosaic GPU on a GPU, pltpu on TPU and, with
+    """The target's Pallas kernel: Mosaic GPU for a GPU, pltpu for a TPU and, with
     ``interpret=True``, on CPU (the GPU kernel runs on CPU as ``"pallas_gpu"``)."""
-    name = "pallas_gpu" if jax.default_backend() == "gpu" else "pallas_tpu"
+    name = "pallas_gpu" if compile_target.platform() == "gpu" else "pallas_tpu"
     return IMPLEMENTATIONS[name](q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret)
 
 
@@ -386,6 +494,8 @@ def flops(spec: AttentionSpec, backward: bool = False) -> float:
 __all__ = [
     "AttentionSpec",
     "IMPLEMENTATIONS",
+    "PER_DEVICE",
+    "ShardAxes",
     "attention_mask",
     "dot_product_attention",
     "flops",

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from t5x_like.kernels import compile_target
+
 
 @dataclasses.dataclass(frozen=True)
 class FlashConfig:
@@ -263,12 +265,14 @@ def backward_row_terms(d_out, out, lse):
 
 def check_platform(implementation: str, platform: str, hardware: str, interpret: bool) -> None:
     """A kernel compiled only for ``platform`` ("gpu", "tpu"): elsewhere it needs the
-    interpreter."""
-    backend = jax.default_backend()
-    if backend != platform and not interpret:
+    interpreter. The target is the mesh's chip (``compile_target``), so a TPU
+    topology or deviceless H100s on a CPU host compile the real kernel."""
+    target = compile_target.platform()
+    if target != platform and not interpret:
         raise ValueError(
-            f"implementation={implementation!r} compiles only for {hardware} (jax's default "
-            f"backend is {backend!r}); pass interpret=True to run it in the Pallas interpreter"
+            f"implementation={implementation!r} compiles only for {hardware} (this call "
+            f"compiles for {target!r}: the mesh's devices, else jax's default backend); pass "
+            "interpret=True to run it in the Pallas interpreter"
         )
 
 

@@ -61,6 +61,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from t5x_like.kernels import attention
+from t5x_like.kernels import compile_target
 from t5x_like.kernels import flash_blocks as fb
 
 DEFAULT_BLOCK_Q = 512
@@ -397,13 +398,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # ------------------------------------------------------------------ entry point
 
 
-@attention.register("pallas_tpu")
+@attention.register("pallas_tpu", per_device=True)
 def pallas_tpu_attention(
     q, k, v, q_segment_ids, kv_segment_ids, spec: attention.AttentionSpec, *, interpret
 ):
     """The ``attention.Backend`` for TPUs (and CPU with ``interpret=True``)."""
     fb.check_platform("pallas_tpu", "tpu", "TPUs", interpret)
-    bq, bk = _block_sizes(spec, on_tpu=jax.default_backend() == "tpu" and not interpret)
+    bq, bk = _block_sizes(spec, on_tpu=compile_target.platform() == "tpu" and not interpret)
     cfg, qt, kt, vt, qs, ks, meta = fb.prepare(
         spec, q, k, v, q_segment_ids, kv_segment_ids, bq, bk, interpret
     )

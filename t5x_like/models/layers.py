@@ -16,8 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5x_like.kernels.attention import dot_product_attention
-from t5x_like.partitioning import with_logical_constraint
+from t5x_like.kernels.attention import ShardAxes, dot_product_attention
+from t5x_like.partitioning import logical_to_mesh_axes, with_logical_constraint
 
 Dtype = jnp.dtype | str
 Initializer = Callable[..., jax.Array]
@@ -139,6 +139,21 @@ class Embed(nn.Module):
         )
 
 
+def _attention_shard_axes(kv_length: str) -> ShardAxes:
+    """The mesh axes the active logical rules give q's and k / v's dimensions: where
+    a per-device kernel (Pallas) runs inside ``shard_map``."""
+
+    def axes(entry) -> tuple[str, ...]:
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    q_spec = logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    kv_spec = logical_to_mesh_axes(("batch", kv_length, "kv_heads", "head_dim"))
+    return ShardAxes(
+        batch=axes(q_spec[0]), length=axes(q_spec[1]), heads=axes(q_spec[2]),
+        kv_heads=axes(kv_spec[2]),
+    )
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention through the one attention entry point.
 
@@ -192,9 +207,11 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = rotary(q, positions), rotary(k, positions)
         q = with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-        # Keys / values are whole along length (`kv_length`), except for ring attention,
-        # which passes them around the `sequence` axis in the layout of the queries.
-        kv_length = "length" if self.implementation == "ring" and kv_cache is None else "kv_length"
+        # Keys / values are whole along length (`kv_length`), except for ring attention
+        # (which Pallas becomes on a `sequence`-split mesh): it passes them around the
+        # `sequence` axis in the layout of the queries.
+        ring = self.implementation in ("ring", "pallas", "pallas_tpu", "pallas_gpu")
+        kv_length = "length" if ring and kv_cache is None else "kv_length"
         k = with_logical_constraint(k, ("batch", kv_length, "kv_heads", "head_dim"))
         v = with_logical_constraint(v, ("batch", kv_length, "kv_heads", "head_dim"))
         window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
@@ -213,12 +230,13 @@ class Attention(nn.Module):
             out = dot_product_attention(
                 q, *new_cache, causal=False, segment_ids=segment_ids,
                 kv_segment_ids=kv_segment_ids, implementation=self.implementation,
-                interpret=self.interpret,
+                interpret=self.interpret, shard_axes=_attention_shard_axes(kv_length),
             )
         else:
             out = dot_product_attention(
                 q, k, v, causal=self.causal, segment_ids=segment_ids,
-                implementation=self.implementation, interpret=self.interpret, **window,
+                implementation=self.implementation, interpret=self.interpret,
+                shard_axes=_attention_shard_axes(kv_length), **window,
             )
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = Dense(

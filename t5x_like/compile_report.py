@@ -1,0 +1,190 @@
+"""What a real compile for a target says: collectives, kernel calls, ptxas figures.
+
+Helpers over ``jax.jit(...).lower(...).compile()`` for a ``t5x_like.targets`` target,
+used by the compile tests and ``bench/compile_kernels.py``:
+
+* :func:`collectives` counts the communication ops of the compiled HLO (an
+  ``all-gather`` of q / k / v around a kernel means it was not sharded);
+* :func:`kernel_calls` lists the attention kernels' custom calls (Mosaic TPU, Mosaic
+  GPU, cuDNN) with the shapes each device's call produces;
+* :func:`capture_stderr` and :func:`ptxas_figures` read ptxas's register and spill
+  report for the Mosaic GPU kernels (``MOSAIC_GPU_DUMP_PTXAS=1``);
+* :func:`attention_program` compiles one attention call (forward, or forward and
+  backward) for a target and mesh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import tempfile
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from t5x_like import partitioning, targets
+from t5x_like.kernels.attention import dot_product_attention
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# Custom-call targets of the attention kernels, by backend.
+KERNEL_TARGETS = ("tpu_custom_call", "mosaic_gpu_v2", "mosaic_gpu", "__cudnn$fmha")
+
+
+def collectives(hlo: str) -> dict[str, int]:
+    """How many of each collective the HLO text holds (async pairs count once)."""
+    counts = {}
+    for op in COLLECTIVES:
+        counts[op] = len(re.findall(rf"\s{op}(?:-start)?\(", hlo))
+    return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    name: str  # t5x_like_flash_fwd / _dq / _dkv, or the cuDNN target
+    target: str  # the custom-call target
+    shapes: tuple[tuple[int, ...], ...]  # the call's outputs, per device
+
+
+def kernel_calls(hlo: str) -> list[KernelCall]:
+    """The attention kernels' custom calls in a compiled module's HLO text."""
+    calls = []
+    for line in hlo.splitlines():
+        if " custom-call(" not in line:
+            continue
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        if target is None or not target.group(1).startswith(KERNEL_TARGETS):
+            continue
+        named = re.search(r"t5x_like_flash_\w+?(?=_mosaic|\W)", line)
+        result = line.split(" custom-call(", 1)[0].split("=", 1)[1]
+        shapes = tuple(
+            tuple(int(n) for n in dims.split(",") if n)
+            for dims in re.findall(r"(?:bf16|f16|f32|s32|u8)\[([\d,]*)\]", result)
+        )
+        name = named.group(0) if named else target.group(1)
+        calls.append(KernelCall(name, target.group(1), shapes))
+    return calls
+
+
+@contextlib.contextmanager
+def capture_stderr() -> Iterator[list[str]]:
+    """Collects what this process (and its children, e.g. ptxas) writes to fd 2."""
+    lines: list[str] = []
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().splitlines())
+
+
+@dataclasses.dataclass(frozen=True)
+class PtxasFigures:
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int
+    stack_frame: int
+
+
+def ptxas_figures(lines: list[str]) -> dict[str, PtxasFigures]:
+    """``{kernel entry: figures}`` from ptxas's ``-v`` report (last compile of each)."""
+    figures, entry, frame = {}, None, (0, 0, 0)
+    for line in lines:
+        started = re.search(r"Compiling entry function '(\w+)'", line)
+        if started:
+            entry = started.group(1).removesuffix("_mosaic_gpu_kernel")
+            continue
+        props = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if props:
+            frame = tuple(int(x) for x in props.groups())
+            continue
+        used = re.search(r"Used (\d+) registers", line)
+        if used and entry is not None:
+            figures[entry] = PtxasFigures(int(used.group(1)), frame[1], frame[2], frame[0])
+            entry = None
+    return figures
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    """One attention call's shape; ``batch`` and heads are global (before sharding)."""
+
+    batch: int
+    length: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool = True
+    segmented: bool = False
+    dtype: Any = jnp.bfloat16
+    kv_length: int | None = None  # None: self-attention
+
+    def label(self) -> str:
+        kv = "" if self.kv_length is None else f"-kv{self.kv_length}"
+        gqa = f"-gqa{self.heads}:{self.kv_heads}" if self.heads != self.kv_heads else ""
+        return (f"T{self.length}{kv}-d{self.head_dim}{gqa}"
+                f"{'-causal' if self.causal else '-bidir'}{'-packed' if self.segmented else ''}")
+
+
+def attention_program(
+    target: targets.Target,
+    mesh_shape: partitioning.MeshShape,
+    case: AttentionCase,
+    implementation: str = "pallas",
+    backward: bool = True,
+    block_sizes: tuple[int, int] | None = None,
+) -> tuple[Any, float]:
+    """Compiles one attention call (and its gradient) for ``target``; returns the
+    compiled program and the seconds the compile took. The operands are laid out
+    by the default logical rules (batch over data / fsdp, heads over tensor)."""
+    mesh = target.mesh(mesh_shape)
+    qkv = partitioning.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    ids = partitioning.logical_to_mesh_axes(("batch", "length"))
+    kv_len = case.kv_length or case.length
+
+    def struct(shape, spec, dtype=case.dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    q = struct((case.batch, case.length, case.heads, case.head_dim), qkv)
+    kv = struct((case.batch, kv_len, case.kv_heads, case.head_dim), qkv)
+    seg = kv_seg = None
+    if case.segmented:
+        seg = struct((case.batch, case.length), ids, jnp.int32)
+        kv_seg = struct((case.batch, kv_len), ids, jnp.int32)
+
+    def attend(q, k, v, seg, kv_seg):
+        return dot_product_attention(
+            q, k, v, causal=case.causal, segment_ids=seg, kv_segment_ids=kv_seg,
+            implementation=implementation, block_sizes=block_sizes,
+        )
+
+    if backward:
+        def program(q, k, v, seg, kv_seg):
+            loss = lambda q, k, v: jnp.sum(attend(q, k, v, seg, kv_seg).astype(jnp.float32))  # noqa: E731
+            return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    else:
+        program = attend
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        compiled = jax.jit(program).trace(q, kv, kv, seg, kv_seg).lower().compile()
+    return compiled, time.perf_counter() - start
+
+
+__all__ = [
+    "AttentionCase",
+    "KernelCall",
+    "PtxasFigures",
+    "attention_program",
+    "capture_stderr",
+    "collectives",
+    "kernel_calls",
+    "ptxas_figures",
+]
