@@ -7,7 +7,7 @@ used by the compile tests and ``bench/compile_kernels.py``:
   ``all-gather`` of q / k / v around a kernel means it was not sharded);
 * :func:`kernel_calls` lists the attention kernels' custom calls (Mosaic TPU, Mosaic
   GPU, cuDNN) with the shapes each device's call produces;
-* :func:`capture_stderr` and :func:`ptxas_figures` read ptxas's register and spill
+* :func:`capture_output` and :func:`ptxas_figures` read ptxas's register and spill
   report for the Mosaic GPU kernels (``MOSAIC_GPU_DUMP_PTXAS=1``);
 * :func:`attention_program` compiles one attention call (forward, or forward and
   backward) for a target and mesh.
@@ -19,15 +19,17 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 import tempfile
 import time
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from t5x_like import partitioning, targets
+from t5x_like.kernels import compile_target
 from t5x_like.kernels.attention import dot_product_attention
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -41,6 +43,17 @@ def collectives(hlo: str) -> dict[str, int]:
     for op in COLLECTIVES:
         counts[op] = len(re.findall(rf"\s{op}(?:-start)?\(", hlo))
     return counts
+
+
+def gathered_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """The result shape of every all-gather in the HLO text (FSDP gathers parameters;
+    an activation-shaped one around attention means a kernel was not sharded)."""
+    shapes = []
+    for line in hlo.splitlines():
+        found = re.search(r"= \(?[a-z]+\d*\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", line)
+        if found:
+            shapes.append(tuple(int(n) for n in found.group(1).split(",") if n))
+    return shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +84,24 @@ def kernel_calls(hlo: str) -> list[KernelCall]:
 
 
 @contextlib.contextmanager
-def capture_stderr() -> Iterator[list[str]]:
-    """Collects what this process (and its children, e.g. ptxas) writes to fd 2."""
+def capture_output() -> Iterator[list[str]]:
+    """Collects what this process and its children (ptxas reports on stdout) write to
+    file descriptors 1 and 2 meanwhile; the lines are there once the block exits."""
     lines: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
     with tempfile.TemporaryFile(mode="w+") as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
+        for fd in saved:
+            os.dup2(sink.fileno(), fd)
         try:
             yield lines
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             sink.seek(0)
             lines.extend(sink.read().splitlines())
 
@@ -126,12 +146,16 @@ class AttentionCase:
     segmented: bool = False
     dtype: Any = jnp.bfloat16
     kv_length: int | None = None  # None: self-attention
+    sliding_window: int | None = None
 
     def label(self) -> str:
         kv = "" if self.kv_length is None else f"-kv{self.kv_length}"
         gqa = f"-gqa{self.heads}:{self.kv_heads}" if self.heads != self.kv_heads else ""
+        window = "" if self.sliding_window is None else f"-window{self.sliding_window}"
+        dtype = "" if self.dtype == jnp.bfloat16 else f"-{jnp.dtype(self.dtype).name}"
         return (f"T{self.length}{kv}-d{self.head_dim}{gqa}"
-                f"{'-causal' if self.causal else '-bidir'}{'-packed' if self.segmented else ''}")
+                f"{'-causal' if self.causal else '-bidir'}{'-packed' if self.segmented else ''}"
+                f"{window}{dtype}")
 
 
 def attention_program(
@@ -141,10 +165,14 @@ def attention_program(
     implementation: str = "pallas",
     backward: bool = True,
     block_sizes: tuple[int, int] | None = None,
+    devices: int | None = None,
 ) -> tuple[Any, float]:
     """Compiles one attention call (and its gradient) for ``target``; returns the
     compiled program and the seconds the compile took. The operands are laid out
-    by the default logical rules (batch over data / fsdp, heads over tensor)."""
+    by the default logical rules (batch over data / fsdp, heads over tensor).
+    ``devices``: use only the target's first ``devices`` (one chip of a slice)."""
+    if devices is not None:
+        target = dataclasses.replace(target, devices=target.devices[:devices])
     mesh = target.mesh(mesh_shape)
     qkv = partitioning.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
     ids = partitioning.logical_to_mesh_axes(("batch", "length"))
@@ -164,6 +192,7 @@ def attention_program(
         return dot_product_attention(
             q, k, v, causal=case.causal, segment_ids=seg, kv_segment_ids=kv_seg,
             implementation=implementation, block_sizes=block_sizes,
+            sliding_window=case.sliding_window,
         )
 
     if backward:
@@ -183,8 +212,35 @@ __all__ = [
     "KernelCall",
     "PtxasFigures",
     "attention_program",
-    "capture_stderr",
+    "capture_output",
     "collectives",
+    "gathered_shapes",
     "kernel_calls",
     "ptxas_figures",
+    "train_step_program",
 ]
+
+
+def train_step_program(
+    target: targets.Target,
+    mesh_shape: partitioning.MeshShape,
+    task: Any,
+    batch: dict[str, tuple[tuple[int, ...], Any]],
+) -> tuple[Any, float]:
+    """Compiles the trainer's whole jitted step (forward, backward, optimizer update)
+    for ``target`` without allocating anything: ``batch`` maps each input to its
+    global ``(shape, dtype)``, laid out as the trainer's input batches (``batch``
+    over data / fsdp). Returns the compiled step and the compile's seconds."""
+    from t5x_like.trainer import OptimizerConfig, Trainer  # noqa: PLC0415  (the run layer)
+
+    mesh = target.mesh(mesh_shape)
+    with compile_target.compiling_for(target.devices[0]):  # the model's shape inference
+        trainer = Trainer(task, OptimizerConfig(), mesh, total_steps=10)
+    structs = {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
+        for name, (shape, dtype) in batch.items()
+    }
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        compiled = trainer._step.lower(trainer.abstract_state, structs).compile()
+    return compiled, time.perf_counter() - start

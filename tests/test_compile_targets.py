@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5x_like import compile_report, host_platform, partitioning as part, targets
 from t5x_like.compile_report import AttentionCase
-from t5x_like.kernels.attention import ShardAxes, dot_product_attention
+from t5x_like.kernels.attention import dot_product_attention
 
 # ----------------------------------------------------------------------- targets
 
@@ -121,3 +121,209 @@ def test_sharded_pallas_equals_one_device(devices, layout, implementation="palla
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5, rtol=2e-5,
                                    err_msg=name)
     assert compile_report.collectives(hlo)["all-gather"] == 0
+
+
+# ------------------------------------------- compiled for the chips: sharded kernels
+
+
+def _local(case: AttentionCase, layout: dict) -> tuple[int, int, int]:
+    """Batch, heads and kv heads of one device's shard under ``layout``."""
+    batch_parts = layout.get("data", 1) * layout.get("fsdp", 1)
+    tensor = layout.get("tensor", 1)
+    return case.batch // batch_parts, case.heads // tensor, case.kv_heads // tensor
+
+
+SHARDED_CASE = AttentionCase(batch=8, length=1024, heads=8, kv_heads=4, head_dim=128,
+                             causal=True, segmented=True)
+
+
+@pytest.mark.parametrize(
+    "target, layout",
+    [("v5e:2x2", {"data": 4}), ("v5e:2x2", {"data": 1, "fsdp": 2, "tensor": 2}),
+     ("h100:8", {"data": 8}), ("h100:8", {"data": 2, "fsdp": 2, "tensor": 2})],
+    ids=["v5e-data4", "v5e-fsdp2-tensor2", "h100x8-data8", "h100x8-data2-fsdp2-tensor2"],
+)
+def test_pallas_compiles_sharded_with_no_gather(target, layout):
+    """The real compiler (XLA:TPU + Mosaic, or XLA:GPU + Mosaic GPU + ptxas) takes the
+    sharded call, and each device's kernels see their shard: no all-gather at all."""
+    compiled, _ = compile_report.attention_program(
+        targets.get(target), part.MeshShape(**layout), SHARDED_CASE)
+    hlo = compiled.as_text()
+    assert compile_report.collectives(hlo)["all-gather"] == 0
+    calls = {c.name: c.shapes for c in compile_report.kernel_calls(hlo)}
+    assert sorted(calls) == ["t5x_like_flash_dkv", "t5x_like_flash_dq", "t5x_like_flash_fwd"]
+    b, h, kh = _local(SHARDED_CASE, layout)
+    t, d = SHARDED_CASE.length, SHARDED_CASE.head_dim
+    assert calls["t5x_like_flash_fwd"][0] == (b, h, t, d)
+    assert calls["t5x_like_flash_dq"][0] == (b, h, t, d)
+    assert calls["t5x_like_flash_dkv"] == ((b, kh, t, d), (b, kh, t, d))
+
+
+def test_cudnn_is_partitioned_by_xla_on_eight_h100s():
+    compiled, _ = compile_report.attention_program(
+        targets.get("h100:8"), part.MeshShape(data=8),
+        dataclasses.replace(SHARDED_CASE, segmented=False), implementation="cudnn")
+    hlo = compiled.as_text()
+    assert compile_report.collectives(hlo)["all-gather"] == 0
+    calls = compile_report.kernel_calls(hlo)
+    assert [c.target for c in calls] == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]
+    assert calls[0].shapes[0] == (1, 8, 1024, 128)  # one row of the 8 per device
+
+
+def test_kernel_refuses_heads_that_do_not_divide_the_mesh():
+    case = dataclasses.replace(SHARDED_CASE, heads=6, kv_heads=3)
+    with pytest.raises(ValueError, match="kv_heads=3 does not divide mesh axes .'tensor',. .size 2."):
+        compile_report.attention_program(
+            targets.get("v5e:2x2"), part.MeshShape(data=2, tensor=2), case)
+
+
+@pytest.mark.parametrize(
+    "target, layout, implementation",
+    [("v5e:2x2", {"data": 1, "sequence": 4}, "pallas"),
+     ("h100:8", {"data": 2, "sequence": 4}, "ring")],
+    ids=["v5e-sequence4-pallas", "h100x8-data2-sequence4-ring"],
+)
+def test_sequence_split_compiles_as_a_ring(target, layout, implementation):
+    """Ring attention over `sequence` compiles for the chips; Pallas on such a mesh
+    becomes the ring (a kernel on a length shard would miss the other keys)."""
+    case = dataclasses.replace(SHARDED_CASE, length=4096, heads=4, kv_heads=2)
+    compiled, _ = compile_report.attention_program(
+        targets.get(target), part.MeshShape(**layout), case, implementation=implementation)
+    hlo = compiled.as_text()
+    counts = compile_report.collectives(hlo)
+    assert counts["all-gather"] == 0
+    assert counts["collective-permute"] >= 2  # k / v forward round the ring, dk / dv back
+    assert compile_report.kernel_calls(hlo) == []
+
+
+# ------------------------------------------------ compiled for the chips: the kernels
+
+# The shapes the recipes run: packed long-context GQA decoders, a 32K row, encoders.
+KERNEL_CASES = [
+    AttentionCase(batch=1, length=8192, heads=8, kv_heads=2, head_dim=128, segmented=True),
+    AttentionCase(batch=1, length=32768, heads=2, kv_heads=2, head_dim=128),
+    AttentionCase(batch=4, length=512, heads=4, kv_heads=4, head_dim=64, causal=False,
+                  segmented=True),
+]
+
+
+# Edge cases on one chip each: fp32, a sliding window, head_dim 256, q_len != kv_len,
+# lengths that are not whole blocks.
+TPU_EDGE_CASES = [
+    AttentionCase(batch=1, length=2048, heads=2, kv_heads=1, head_dim=64, dtype=jnp.float32,
+                  sliding_window=300),
+    AttentionCase(batch=1, length=700, heads=2, kv_heads=2, head_dim=256, causal=False,
+                  segmented=True),
+]
+GPU_EDGE_CASES = [
+    AttentionCase(batch=1, length=256, heads=2, kv_heads=1, head_dim=128, dtype=jnp.float16,
+                  sliding_window=100),
+    AttentionCase(batch=2, length=100, kv_length=300, heads=2, kv_heads=2, head_dim=256,
+                  causal=False, segmented=True),
+]
+
+
+@pytest.mark.parametrize(
+    "target, case",
+    [(t, c) for t in ("v5e:2x2", "v5p:2x2x1", "v6e:2x2") for c in KERNEL_CASES]
+    + [("v5e:2x2", c) for c in TPU_EDGE_CASES],
+    ids=lambda x: x.label() if isinstance(x, AttentionCase) else x,
+)
+def test_pallas_tpu_kernel_compiles_in_libtpu(target, case):
+    """Mosaic TPU compiles forward, dq and dk/dv for one chip of each generation."""
+    compiled, _ = compile_report.attention_program(
+        targets.get(target), part.MeshShape(data=1), case, devices=1)
+    calls = compile_report.kernel_calls(compiled.as_text())
+    assert [c.target for c in calls] == ["tpu_custom_call"] * 3
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES + GPU_EDGE_CASES, ids=lambda c: c.label())
+def test_pallas_gpu_kernel_compiles_through_ptxas(monkeypatch, case):
+    """Mosaic GPU lowers to PTX and ptxas compiles it for sm_90a: its report names
+    each of the three kernels."""
+    monkeypatch.setenv("MOSAIC_GPU_DUMP_PTXAS", "1")
+    with compile_report.capture_output() as lines:
+        compiled, _ = compile_report.attention_program(
+            targets.get("h100:1"), part.MeshShape(data=1), case)
+    assert any("for 'sm_90a'" in line for line in lines)
+    figures = compile_report.ptxas_figures(lines)
+    assert sorted(figures) == ["t5x_like_flash_dkv", "t5x_like_flash_dq", "t5x_like_flash_fwd"]
+    assert all(0 < f.registers <= 255 for f in figures.values())
+    assert len(compile_report.kernel_calls(compiled.as_text())) == 3
+
+
+# --------------------------------------------- compiled for the chips: whole steps
+
+DECODER = dict(vocab_size=1024, embed_dim=256, num_layers=2, num_heads=4, num_kv_heads=2,
+               head_dim=64, mlp_dim=512, attention="pallas", dtype="bfloat16",
+               scan_layers=True, remat_policy="full", max_position_embeddings=2048)
+ENCODER = dict(vocab_size=1024, embed_dim=256, num_layers=1, num_heads=4, mlp_dim=512,
+               attention="pallas", dtype="bfloat16", max_position_embeddings=512)
+
+
+def _attention_activations(batch: int, length: int, heads: int) -> set[tuple[int, ...]]:
+    """q / k / v shapes, tokens- and heads-major, with the global batch."""
+    return {(batch, length, heads, 64) for heads in (heads, 2)} | {
+        (batch, heads, length, 64) for heads in (heads, 2)}
+
+
+@pytest.mark.parametrize(
+    "target, layout",
+    [("v5e:2x2", {"data": 4}), ("v5p:2x2x1", {"data": 1, "fsdp": 4}), ("h100:8", {"data": 8})],
+    ids=["v5e-data4", "v5p-fsdp4", "h100x8-data8"],
+)
+def test_decoder_train_step_with_pallas_compiles(target, layout):
+    """The whole LM step (forward, backward, AdamW), packed rows, scanned layers, full
+    remat: compiled, each device's kernels on its rows, no q / k / v gathered."""
+    from t5x_like.models.decoder import DecoderConfig
+    from t5x_like.train_tasks import LanguageModelTask
+
+    batch, length = 8, 2048
+    row = ((batch, length), jnp.int32)
+    compiled, _ = compile_report.train_step_program(
+        targets.get(target), part.MeshShape(**layout),
+        LanguageModelTask(DecoderConfig(**DECODER), loss_chunk_size=256),
+        {"tokens": row, "segment_ids": row, "positions": row,
+         "loss_weights": ((batch, length), jnp.float32)})
+    hlo = compiled.as_text()
+    rows = batch // (layout.get("data", 1) * layout.get("fsdp", 1))
+    calls = compile_report.kernel_calls(hlo)
+    assert {c.name for c in calls} == {"t5x_like_flash_fwd", "t5x_like_flash_dq",
+                                       "t5x_like_flash_dkv"}
+    assert all(c.shapes[0][0] == rows for c in calls)
+    gathered = set(compile_report.gathered_shapes(hlo))
+    assert not gathered & _attention_activations(batch, length, 4)
+    if "fsdp" not in layout:
+        assert not gathered
+    assert targets.memory_report(compiled, targets.get(target))["fits"]
+
+
+@pytest.mark.parametrize(
+    "target, layout",
+    [("v5e:2x2", {"data": 2, "tensor": 2}), ("h100:8", {"data": 8})],
+    ids=["v5e-data2-tensor2", "h100x8-data8"],
+)
+def test_dual_encoder_train_step_with_pallas_compiles(target, layout):
+    """The contrastive step (queries and passages with a hard negative, negatives
+    gathered across devices): the kernels run on each device's rows and heads."""
+    from t5x_like.models.encoder import EncoderConfig
+    from t5x_like.train_tasks import DualEncoderTask
+
+    batch, group, q_len, p_len = 8, 2, 64, 128
+    compiled, _ = compile_report.train_step_program(
+        targets.get(target), part.MeshShape(**layout), DualEncoderTask(EncoderConfig(**ENCODER)),
+        {"query_tokens": ((batch, q_len), jnp.int32), "query_mask": ((batch, q_len), jnp.int32),
+         "passage_tokens": ((batch, group, p_len), jnp.int32),
+         "passage_mask": ((batch, group, p_len), jnp.int32)})
+    hlo = compiled.as_text()
+    parts = layout.get("data", 1) * layout.get("fsdp", 1)
+    heads = 4 // layout.get("tensor", 1)
+    local = {(batch // parts, heads, q_len, 64), (batch * group // parts, heads, p_len, 64)}
+    calls = compile_report.kernel_calls(hlo)
+    assert {c.shapes[0] for c in calls if c.name == "t5x_like_flash_fwd"} == local
+    gathered = set(compile_report.gathered_shapes(hlo))
+    assert not gathered & (_attention_activations(batch, q_len, 4)
+                           | _attention_activations(batch * group, p_len, 4))
+    # What is gathered: the embeddings for cross-device negatives (rows x 256), never
+    # an activation with a length.
+    assert all(len(shape) <= 3 for shape in gathered)

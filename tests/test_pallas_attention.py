@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 
-import jax
 import jax.numpy as jnp
 
 from t5x_like.kernels import attention, flash_blocks
@@ -212,43 +211,7 @@ def test_pallas_on_cpu_without_interpret_says_what_to_do():
         dot_product_attention(q, q, q, implementation="pallas")
 
 
-@pytest.mark.parametrize(
-    "dtype, tq, heads, kv_heads, d, causal, segmented, window",
-    [
-        (jnp.bfloat16, 1000, 4, 2, 128, True, True, None),
-        (jnp.float32, 2048, 2, 1, 64, True, False, 300),
-        (jnp.bfloat16, 700, 2, 2, 256, False, True, None),
-    ],
-    ids=["bf16-d128-causal-packed-gqa", "fp32-d64-window", "bf16-d256-bidir-packed"],
-)
-def test_forward_and_backward_lower_to_mosaic_tpu(monkeypatch, dtype, tq, heads, kv_heads, d,
-                                                  causal, segmented, window):
-    """jit-lowered for TPU on this CPU host, as a v5e: Pallas's Mosaic TPU lowering runs
-    (block shapes against the (8, 128) tiling, scalar prefetch, op lowering rules), which
-    interpret mode skips; Mosaic's compiler in libtpu and running remain for a TPU."""
-    from jax._src.pallas.mosaic import tpu_info
-
-    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    monkeypatch.setitem(
-        tpu_info.registry, jax.devices()[0].device_kind,
-        lambda: tpu_info.get_tpu_info_for_chip(tpu_info.ChipVersion.TPU_V5E, 1),
-    )
-    seg = jax.ShapeDtypeStruct((1, tq), jnp.int32) if segmented else None
-
-    def grads(q, k, v, seg):
-        def loss(q, k, v):
-            out = dot_product_attention(
-                q, k, v, segment_ids=seg, causal=causal, sliding_window=window,
-                implementation="pallas",
-            )
-            return jnp.sum(out.astype(jnp.float32))
-
-        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    q = jax.ShapeDtypeStruct((1, tq, heads, d), dtype)
-    kv = jax.ShapeDtypeStruct((1, tq, kv_heads, d), dtype)
-    lowered = jax.jit(grads).trace(q, kv, kv, seg).lower(lowering_platforms=("tpu",))
-    assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dq, dk/dv
+# Compiled by libtpu for v5e / v5p / v6e: tests/test_compile_targets.py.
 
 
 def test_unaligned_blocks_are_refused_on_a_real_tpu():

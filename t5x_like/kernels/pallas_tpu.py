@@ -114,9 +114,22 @@ def _element_mask(cfg: fb.FlashConfig, i, j, qs_ref, ks_ref):
     return fb.element_mask(cfg, rows, cols, qs_ref[:, :1], ks_ref[:1, :])
 
 
+def _mxu(a, b, a_axis: int, b_axis: int):
+    """``a`` and ``b`` contracted over one axis each, fp32 accumulation. 16-bit
+    operands say ``Precision.DEFAULT`` outright: under
+    ``jax_default_matmul_precision="highest"`` (common in tests and evals) Mosaic
+    would get an fp32 contract precision for bf16 operands and refuse ("Bad lhs
+    type"); their products are exact in fp32 anyway. fp32 operands follow the config."""
+    precision = lax.Precision.DEFAULT if a.dtype.itemsize == 2 else None
+    return lax.dot_general(
+        a, b, (((a_axis,), (b_axis,)), ((), ())), precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
 def _logits(cfg: fb.FlashConfig, q, k, mask):
     """``q k^T * scale`` in fp32 ``[bq, bk]``; -inf where masked."""
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    s = _mxu(q, k, 1, 1)
     s = s * jnp.float32(cfg.scale)
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
@@ -152,7 +165,7 @@ def _fwd_kernel(cfg: fb.FlashConfig, *refs):
         rescale = jnp.exp(m_prev - shift)
         l_ref[...] = _lanes(l_prev * rescale + p.sum(axis=1, keepdims=True))
         m_ref[...] = _lanes(m_new)
-        pv = lax.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+        pv = _mxu(p.astype(v_ref.dtype), v_ref[...], 1, 0)
         acc_ref[...] = acc_ref[...] * rescale + pv
 
     _when_block_runs(cfg, meta, b, i, j, step)
@@ -253,11 +266,9 @@ def _dq_kernel(cfg: fb.FlashConfig, *refs):
         mask = _element_mask(cfg, i, j, qs_ref, ks_ref) if masked else None
         k = k_ref[...]
         p = _probabilities(cfg, q_ref[...], k, lse_ref[:, :1], mask)
-        dp = lax.dot_general(
-            do_ref[...], v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        dp = _mxu(do_ref[...], v_ref[...], 1, 1)
         ds = p * (dp - delta_ref[:, :1]) * jnp.float32(cfg.scale)
-        acc_ref[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        acc_ref[...] += _mxu(ds.astype(k.dtype), k, 1, 0)
 
     _when_block_runs(cfg, meta, b, i, j, step)
 
@@ -281,16 +292,10 @@ def _dkv_kernel(cfg: fb.FlashConfig, *refs):
         mask = _element_mask(cfg, i, j, qs_ref, ks_ref) if masked else None
         q, do = q_ref[...], do_ref[...]
         p = _probabilities(cfg, q, k_ref[...], lse_ref[:, :1], mask)
-        dv_acc[...] += lax.dot_general(
-            p.astype(do.dtype), do, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        dp = lax.dot_general(
-            do, v_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        dv_acc[...] += _mxu(p.astype(do.dtype), do, 0, 0)
+        dp = _mxu(do, v_ref[...], 1, 1)
         ds = p * (dp - delta_ref[:, :1]) * jnp.float32(cfg.scale)
-        dk_acc[...] += lax.dot_general(
-            ds.astype(q.dtype), q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        dk_acc[...] += _mxu(ds.astype(q.dtype), q, 0, 0)
 
     _when_block_runs(cfg, meta, b, i, j, step)
 

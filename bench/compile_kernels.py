@@ -1,0 +1,190 @@
+"""The attention kernels compiled for real chips on this host: TPU (libtpu) and H100 (ptxas).
+
+    python bench/compile_kernels.py                    # the sweep, printed
+    python bench/compile_kernels.py --record           # also the tables into bench/RESULTS.md
+    python bench/compile_kernels.py --quick            # three lengths, d 128, no block sweep
+
+For each chip (``--tpu v5e:2x2``, ``--gpu h100:1``, one device each), length (1K-128K)
+and head_dim (64 / 128 / 256): the Pallas kernel's forward and backward (causal, GQA 4:1,
+bf16, default blocks) compiled by the chip's real compiler. Reported: compile seconds,
+XLA's per-device temporaries, and for the GPU ptxas's registers, spill bytes and stack
+frame of each kernel (forward, dq, dk/dv). Then the block sizes each chip refuses at each
+head_dim (Mosaic's VMEM check on TPU; the kernel's SMEM budget or ptxas on GPU), and the
+Llama-3.2-1B-shaped train step with ``attention="pallas"`` on ``v5p:2x2x1`` (fsdp 4) and
+8 H100s (data 8): compile time, collectives and memory per chip (``--no-steps`` skips it).
+
+What this proves and what not: see the README ("Compiling for the real targets").
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import pathlib
+import platform
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from t5x_like import compile_report as cr  # noqa: E402
+from t5x_like import partitioning as part  # noqa: E402
+from t5x_like import targets  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Kernels compiled for TPU and H100 (`bench/compile_kernels.py`)"
+LENGTHS = (1024, 8192, 32768, 131072)
+HEAD_DIMS = (64, 128, 256)
+TPU_BLOCKS = ((256, 256), (512, 512), (1024, 1024), (2048, 2048), (4096, 4096))
+GPU_BLOCKS = ((64, 64), (64, 128), (128, 128), (64, 256), (128, 256), (256, 256))
+
+
+def _case(length: int, head_dim: int) -> cr.AttentionCase:
+    return cr.AttentionCase(batch=1, length=length, heads=8, kv_heads=2, head_dim=head_dim)
+
+
+def _compile(target, case, blocks=None):
+    """One single-device fwd+bwd compile; ptxas figures captured for GPUs."""
+    os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+    with cr.capture_output() as lines:
+        compiled, seconds = cr.attention_program(
+            target, part.MeshShape(data=1), case, block_sizes=blocks, devices=1)
+    return compiled, seconds, cr.ptxas_figures(lines)
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    for marker in ("needs", "Mosaic failed to compile TPU kernel:", "RESOURCE_EXHAUSTED", "ptxas"):
+        if marker in text:
+            text = text[text.index(marker):]
+            break
+    return text[:140].replace("|", "/")
+
+
+def sweep(target, lengths, head_dims) -> str:
+    gpu = target.platform == "gpu"
+    head = "| length | head_dim | compile s | temporaries MiB |"
+    head += " fwd regs / spill B | dq regs / spill B | dk/dv regs / spill B |" if gpu else ""
+    rows = [head, "|" + "---|" * (head.count("|") - 1)]
+    for length in lengths:
+        for d in head_dims:
+            try:
+                compiled, seconds, ptxas = _compile(target, _case(length, d))
+            except Exception as err:  # a refusal is a result here
+                rows.append(f"| {length:,} | {d} | refused: {_short(err)} |")
+                continue
+            temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
+            row = f"| {length:,} | {d} | {seconds:.1f} | {temp:.1f} |"
+            if gpu:
+                for kernel in ("t5x_like_flash_fwd", "t5x_like_flash_dq", "t5x_like_flash_dkv"):
+                    f = ptxas.get(kernel)
+                    row += " - |" if f is None else f" {f.registers} / {f.spill_stores} |"
+            rows.append(row)
+            print(row, flush=True)
+    return "\n".join(rows)
+
+
+def blocks(target, head_dims, length=8192) -> str:
+    choices = GPU_BLOCKS if target.platform == "gpu" else TPU_BLOCKS
+    rows = ["| head_dim | " + " | ".join(f"{q} x {k}" for q, k in choices) + " |",
+            "|---|" + "---|" * len(choices)]
+    refusals = []
+    for d in head_dims:
+        cells = []
+        for q, k in choices:
+            try:
+                _, seconds, ptxas = _compile(target, _case(length, d), (q, k))
+                spill = max((f.spill_stores for f in ptxas.values()), default=0)
+                cells.append(f"ok {seconds:.1f} s" + (f", spill {spill} B" if spill else ""))
+            except Exception as err:
+                cells.append("refused")
+                refusals.append(f"- d {d}, blocks {q} x {k}: {_short(err)}")
+        rows.append(f"| {d} | " + " | ".join(cells) + " |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows + [""] + refusals)
+
+
+def one_billion_steps() -> str:
+    from t5x_like.models.decoder import DecoderConfig
+    from t5x_like.train_tasks import LanguageModelTask
+
+    model = DecoderConfig(vocab_size=128256, embed_dim=2048, num_layers=16, num_heads=32,
+                          num_kv_heads=8, head_dim=64, mlp_dim=8192, tie_embeddings=True,
+                          rope_theta=500_000.0, attention="pallas", dtype="bfloat16",
+                          remat_policy="full", scan_layers=True, max_position_embeddings=8192)
+    rows = ["| target | mesh | rows x tokens | compile s | all-gathers (q/k/v-shaped) | "
+            "arguments GiB | temporaries GiB | peak / HBM GiB |", "|---|---|---|---|---|---|---|---|"]
+    for name, mesh, batch in (("v5p:2x2x1", {"data": 1, "fsdp": 4}, 4), ("h100:8", {"data": 8}, 8)):
+        target, length = targets.get(name), 8192
+        row = ((batch, length), jnp.int32)
+        compiled, seconds = cr.train_step_program(
+            target, part.MeshShape(**mesh), LanguageModelTask(model, loss_chunk_size=512),
+            {"tokens": row, "segment_ids": row, "positions": row,
+             "loss_weights": ((batch, length), jnp.float32)})
+        hlo = compiled.as_text()
+        gathered = cr.gathered_shapes(hlo)
+        qkv = [s for s in gathered if len(s) == 4 and length in s]
+        mem = targets.memory_report(compiled, target)
+        layout = ",".join(f"{k}={v}" for k, v in mesh.items())
+        rows.append(f"| {name} | {layout} | {batch} x {length:,} | {seconds:.0f} | "
+                    f"{len(gathered)} ({len(qkv)}) | {mem['arguments_gib']:.2f} | "
+                    f"{mem['temporaries_gib']:.2f} | {mem['peak_gib']:.2f} / {mem['hbm_gib']:.0f} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tpu", default="v5e:2x2", help="a TPU topology (one chip is used)")
+    parser.add_argument("--gpu", default="h100:1", help="h100:1 or h200:1")
+    parser.add_argument("--quick", action="store_true", help="1K / 8K / 32K, d 128, no block sweep")
+    parser.add_argument("--no-steps", action="store_true", help="skip the 1B train-step compiles")
+    parser.add_argument("--record", action="store_true", help="write the tables to bench/RESULTS.md")
+    args = parser.parse_args()
+    lengths = LENGTHS[:3] if args.quick else LENGTHS
+    head_dims = (128,) if args.quick else HEAD_DIMS
+    parts = []
+    for name in (args.tpu, args.gpu):
+        target = targets.get(name)
+        print(f"== {name}: {target.device_kind}", flush=True)
+        parts.append(f"### {name} ({target.device_kind}): fwd + bwd, causal, GQA 8:2, bf16, "
+                     f"default blocks\n\n{sweep(target, lengths, head_dims)}")
+        if not args.quick:
+            parts.append(f"### {name}: block sizes (q x k) at 8,192 tokens\n\n"
+                         f"{blocks(target, head_dims)}")
+    if not args.no_steps:
+        parts.append("### Llama-3.2-1B-shaped train step, `attention=\"pallas\"`, 8,192 tokens "
+                     f"a row\n\n{one_billion_steps()}")
+    if args.record:
+        _record("\n\n".join(parts))
+
+
+def _record(body: str) -> None:
+    import jaxlib
+    import libtpu  # noqa: F401  (its version goes in the header)
+    from importlib.metadata import version
+
+    command = "python " + " ".join(["bench/compile_kernels.py"] + sys.argv[1:])
+    header = (
+        f"{SECTION}\n\nCompiled, not run, on this project's CI host ({platform.machine()}, "
+        f"{os.cpu_count()} cores, no accelerator) for the chips named: jax {jax.__version__}, "
+        f"jaxlib {jaxlib.__version__}, libtpu {version('libtpu')}, jax-cuda12-plugin "
+        f"{version('jax-cuda12-plugin')}, ptxas from nvidia-cuda-nvcc-cu12 "
+        f"{version('nvidia-cuda-nvcc-cu12')}; {datetime.date.today().isoformat()}.\n\n"
+        f"`{command}`"
+    )
+    text = RESULTS.read_text()
+    start = text.find(SECTION)
+    if start >= 0:  # replace the previous run's section, keep what follows it
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
+    RESULTS.write_text(text.rstrip() + "\n\n" + header + "\n\n" + body + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
