@@ -5,8 +5,8 @@
     python bench/compile_kernels.py --quick            # three lengths, d 128, no block sweep
 
 For each chip (``--tpu v5e:2x2``, ``--gpu h100:1``, one device each), length (1K-128K)
-and head_dim (64 / 128 / 256): the Pallas kernel's forward and backward (causal, GQA 4:1,
-bf16, default blocks) compiled by the chip's real compiler. Reported: compile seconds,
+and head_dim (64 / 128 / 256): the Pallas kernel's forward and backward (causal, packed
+documents, GQA 8:2, bf16, default blocks) compiled by the chip's real compiler. Reported: compile seconds,
 XLA's per-device temporaries, and for the GPU ptxas's registers, spill bytes and stack
 frame of each kernel (forward, dq, dk/dv). Then the block sizes each chip refuses at each
 head_dim (Mosaic's VMEM check on TPU; the kernel's SMEM budget or ptxas on GPU), and the
@@ -19,11 +19,12 @@ What this proves and what not: see the README ("Compiling for the real targets")
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
+import json
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -44,16 +45,59 @@ GPU_BLOCKS = ((64, 64), (64, 128), (128, 128), (64, 256), (128, 256), (256, 256)
 
 
 def _case(length: int, head_dim: int) -> cr.AttentionCase:
-    return cr.AttentionCase(batch=1, length=length, heads=8, kv_heads=2, head_dim=head_dim)
+    return cr.AttentionCase(batch=1, length=length, heads=8, kv_heads=2, head_dim=head_dim,
+                            segmented=True)
 
 
-def _compile(target, case, blocks=None):
-    """One single-device fwd+bwd compile; ptxas figures captured for GPUs."""
+class Refused(Exception):
+    """The compiler (or the kernel's own check) refused the configuration."""
+
+
+def _compile(target, case, blocks=None) -> dict:
+    """One single-device fwd+bwd compile: seconds, temporaries, ptxas figures (GPU).
+
+    GPU compiles run in a fresh process each: Mosaic GPU caches a kernel it compiled
+    before (the backward's 64-key kernels recur across forward blocks), and a cached
+    kernel goes through no ptxas, so it would report no figures."""
+    if target.platform == "gpu":
+        return _compile_in_subprocess(target.name, case.length, case.head_dim, blocks)
+    compiled, seconds = cr.attention_program(
+        target, part.MeshShape(data=1), case, block_sizes=blocks, devices=1)
+    return {"seconds": seconds, "temp": compiled.memory_analysis().temp_size_in_bytes,
+            "ptxas": {}}
+
+
+def _compile_in_subprocess(name, length, head_dim, blocks) -> dict:
+    args = [sys.executable, __file__, "--one", name, str(length), str(head_dim)]
+    args += [str(b) for b in blocks] if blocks else []
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"compile of {name} T={length} d={head_dim} {blocks}: {out.stderr[-2000:]}")
+    result = json.loads(lines[-1])
+    if "refused" in result:
+        raise Refused(result["refused"])
+    result["ptxas"] = {k: cr.PtxasFigures(**v) for k, v in result["ptxas"].items()}
+    return result
+
+
+def _one(argv: list[str]) -> None:
+    """``--one TARGET LENGTH HEAD_DIM [BQ BK]``: one compile, one JSON line on stdout."""
+    name, length, head_dim, *blocks = argv
+    target = targets.get(name)
+    case = _case(int(length), int(head_dim))
     os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
-    with cr.capture_output() as lines:
-        compiled, seconds = cr.attention_program(
-            target, part.MeshShape(data=1), case, block_sizes=blocks, devices=1)
-    return compiled, seconds, cr.ptxas_figures(lines)
+    try:
+        with cr.capture_output() as lines:
+            compiled, seconds = cr.attention_program(
+                target, part.MeshShape(data=1), case,
+                block_sizes=tuple(int(b) for b in blocks) or None, devices=1)
+    except Exception as err:  # a refusal is a result here
+        print(json.dumps({"refused": _short(err)}))
+        return
+    figures = {k: vars(v) for k, v in cr.ptxas_figures(lines).items()}
+    print(json.dumps({"seconds": seconds, "temp": compiled.memory_analysis().temp_size_in_bytes,
+                      "ptxas": figures}))
 
 
 def _short(err: BaseException) -> str:
@@ -73,19 +117,31 @@ def sweep(target, lengths, head_dims) -> str:
     for length in lengths:
         for d in head_dims:
             try:
-                compiled, seconds, ptxas = _compile(target, _case(length, d))
+                got = _compile(target, _case(length, d))
             except Exception as err:  # a refusal is a result here
                 rows.append(f"| {length:,} | {d} | refused: {_short(err)} |")
                 continue
-            temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
-            row = f"| {length:,} | {d} | {seconds:.1f} | {temp:.1f} |"
+            row = f"| {length:,} | {d} | {got['seconds']:.1f} | {got['temp'] / 2**20:.1f} |"
             if gpu:
-                for kernel in ("t5x_like_flash_fwd", "t5x_like_flash_dq", "t5x_like_flash_dkv"):
-                    f = ptxas.get(kernel)
-                    row += " - |" if f is None else f" {f.registers} / {f.spill_stores} |"
+                for kernel in KERNELS:
+                    f = got["ptxas"].get(kernel)
+                    row += " missing |" if f is None else f" {f.registers} / {f.spill_stores} |"
             rows.append(row)
             print(row, flush=True)
     return "\n".join(rows)
+
+
+KERNELS = ("t5x_like_flash_fwd", "t5x_like_flash_dq", "t5x_like_flash_dkv")
+
+
+def _spills(target, ptxas: dict) -> str:
+    """``, spills fwd / dq / dk-dv B`` for a GPU compile that spilled (ptxas figures)."""
+    if target.platform != "gpu":
+        return ""
+    if sorted(ptxas) != sorted(KERNELS):
+        return f", ptxas reported only {sorted(ptxas)}"
+    spills = [ptxas[k].spill_stores for k in KERNELS]
+    return f", spill {' / '.join(map(str, spills))} B" if any(spills) else ""
 
 
 def blocks(target, head_dims, length=8192) -> str:
@@ -97,9 +153,8 @@ def blocks(target, head_dims, length=8192) -> str:
         cells = []
         for q, k in choices:
             try:
-                _, seconds, ptxas = _compile(target, _case(length, d), (q, k))
-                spill = max((f.spill_stores for f in ptxas.values()), default=0)
-                cells.append(f"ok {seconds:.1f} s" + (f", spill {spill} B" if spill else ""))
+                got = _compile(target, _case(length, d), (q, k))
+                cells.append(f"ok {got['seconds']:.1f} s" + _spills(target, got["ptxas"]))
             except Exception as err:
                 cells.append("refused")
                 refusals.append(f"- d {d}, blocks {q} x {k}: {_short(err)}")
@@ -144,14 +199,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1K / 8K / 32K, d 128, no block sweep")
     parser.add_argument("--no-steps", action="store_true", help="skip the 1B train-step compiles")
     parser.add_argument("--record", action="store_true", help="write the tables to bench/RESULTS.md")
+    parser.add_argument("--one", nargs="+", help=argparse.SUPPRESS)  # one GPU compile (internal)
     args = parser.parse_args()
+    if args.one:
+        return _one(args.one)
     lengths = LENGTHS[:3] if args.quick else LENGTHS
     head_dims = (128,) if args.quick else HEAD_DIMS
     parts = []
     for name in (args.tpu, args.gpu):
         target = targets.get(name)
         print(f"== {name}: {target.device_kind}", flush=True)
-        parts.append(f"### {name} ({target.device_kind}): fwd + bwd, causal, GQA 8:2, bf16, "
+        parts.append(f"### {name} ({target.device_kind}): fwd + bwd, causal, packed, GQA 8:2, bf16, "
                      f"default blocks\n\n{sweep(target, lengths, head_dims)}")
         if not args.quick:
             parts.append(f"### {name}: block sizes (q x k) at 8,192 tokens\n\n"
@@ -165,7 +223,6 @@ def main() -> None:
 
 def _record(body: str) -> None:
     import jaxlib
-    import libtpu  # noqa: F401  (its version goes in the header)
     from importlib.metadata import version
 
     command = "python " + " ".join(["bench/compile_kernels.py"] + sys.argv[1:])
