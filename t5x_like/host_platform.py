@@ -34,11 +34,13 @@ def configure(env: dict | None = None) -> bool:
     if env.get("JAX_PLATFORMS", "").strip() or has_accelerator():
         applied = False
         return applied
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if getattr(bridge, "_backends", None):
+        applied = False  # jax's clients already started: too late to choose
+        return applied
     env["JAX_PLATFORMS"] = "cpu"
     jax_config = getattr(sys.modules.get("jax"), "config", None)
-    bridge = sys.modules.get("jax._src.xla_bridge")
-    if jax_config is not None and not getattr(bridge, "_backends", None):
-        # jax read the environment on import; its backends have not started yet.
-        jax_config.update("jax_platforms", "cpu")
+    if jax_config is not None:
+        jax_config.update("jax_platforms", "cpu")  # jax read the environment on import
     applied = True
     return applied

@@ -274,7 +274,8 @@ def perplexity_hook(cfg, task, trainer, vocab) -> EvalHook:
     eval_sums = jax.jit(task.eval_sums)
 
     def evaluate(state):
-        totals = [jax.device_get(eval_sums(state.params, b)) for b in fixed]
+        with jax.set_mesh(trainer.mesh):  # per-device kernels (Pallas) shard over it
+            totals = [jax.device_get(eval_sums(state.params, b)) for b in fixed]
         loss = sum(t["cross_entropy"] for t in totals) / sum(t["weight"] for t in totals)
         return {"cross_entropy": loss, "perplexity": math.exp(loss)}
 

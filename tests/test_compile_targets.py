@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5x_like import compile_report, host_platform, partitioning as part, targets
 from t5x_like.compile_report import AttentionCase
-from t5x_like.kernels.attention import dot_product_attention
+from t5x_like.kernels.attention import ShardAxes, dot_product_attention
 
 # ----------------------------------------------------------------------- targets
 
@@ -327,3 +327,80 @@ def test_dual_encoder_train_step_with_pallas_compiles(target, layout):
     # What is gathered: the embeddings for cross-device negatives (rows x 256), never
     # an activation with a length.
     assert all(len(shape) <= 3 for shape in gathered)
+
+
+# ------------------------------------------------------ edges of the per-device path
+
+
+def test_sharded_cross_length_without_segments_equals_one_device(devices):
+    """q_len != kv_len (decoding against a cache), no segment ids, data 2 x tensor 4."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((8, 16, 8, 64)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((8, 256, 4, 64)), jnp.float32) for _ in range(2))
+    attend = functools.partial(dot_product_attention, implementation="pallas_tpu",
+                               interpret=True)
+    want = jax.jit(attend)(q, k, v)
+    mesh = part.make_mesh(part.MeshShape(data=2, tensor=4), devices=devices)
+    spec = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None))
+    with jax.set_mesh(mesh):
+        got = jax.jit(attend)(*(jax.device_put(x, spec) for x in (q, k, v)))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "layout, kwargs, message",
+    [({"data": 2, "tensor": 4}, {"shard_axes": ShardAxes(kv_heads=())},
+      "heads are split over .'tensor',. but kv_heads over ()"),
+     ({"data": 2, "fsdp": 4}, {"shard_axes": ShardAxes(batch=("data",), length=("fsdp",))},
+      "length is split over mesh axes .'fsdp',.; ring attention runs over the 'sequence'"),
+     ({"data": 2, "sequence": 4}, {"sliding_window": 16, "causal": True},
+      "with sliding_window on a mesh that splits the length"),
+     ],
+    ids=["heads-vs-kv-heads", "length-not-sequence", "window-on-sequence"],
+)
+def test_per_device_layouts_it_cannot_run_are_refused(devices, layout, kwargs, message):
+    mesh = part.make_mesh(part.MeshShape(**layout), devices=devices)
+    q = jax.ShapeDtypeStruct((8, 64, 8, 64), jnp.float32)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=message):
+        jax.jit(functools.partial(dot_product_attention, implementation="pallas",
+                                  interpret=True, **kwargs)).trace(q, q, q)
+
+
+def test_gathered_shapes_reads_sync_async_and_combined_gathers():
+    hlo = "\n".join([
+        "  %a = bf16[8,2048,4,64]{3,2,1,0} all-gather(bf16[1,2048,4,64]{3,2,1,0} %x), dims={0}",
+        "  %b = (bf16[1,16]{1,0}, bf16[8,16]{1,0}) all-gather-start(bf16[1,16]{1,0} %y)",
+        "  %c = (f32[2]{0}, f32[4,3]{1,0}) all-gather(f32[1]{0} %z, f32[2,3]{1,0} %w)",
+        "  %d = bf16[8,16]{1,0} all-gather-done((bf16[1,16]{1,0}, bf16[8,16]{1,0}) %b)",
+    ])
+    assert compile_report.gathered_shapes(hlo) == [(8, 2048, 4, 64), (8, 16), (2,), (4, 3)]
+    assert compile_report.collectives(hlo)["all-gather"] == 3
+
+
+def test_hopper_is_recognised_from_an_abstract_mesh():
+    """Inside a shard_map with only the abstract mesh set, the device has a kind but no
+    compute capability; an H100 must still pass the Hopper check."""
+    from t5x_like.kernels import compile_target, pallas_gpu
+
+    mesh = targets.get("h100:8").mesh(part.MeshShape(data=8))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert compile_target.platform() == "gpu"
+        pallas_gpu._check_hopper()
+
+
+def test_trainer_initialises_a_pallas_model_outside_the_mesh(devices):
+    """The init example (one row, no mesh) runs the plain attention: parameters do not
+    depend on the backend, and a per-device kernel there would meet the whole program."""
+    from t5x_like.models.decoder import DecoderConfig
+    from t5x_like.train_tasks import LanguageModelTask
+    from t5x_like.trainer import OptimizerConfig, Trainer
+
+    config = dict(DECODER, num_layers=1, scan_layers=False, remat_policy="none", dtype="float32")
+    task = LanguageModelTask(DecoderConfig(**config))
+    mesh = part.make_mesh(part.MeshShape(data=8), devices=devices)
+    state = Trainer(task, OptimizerConfig(), mesh, total_steps=1).init_state()
+    reference = LanguageModelTask(DecoderConfig(**dict(config, attention="xla")))
+    import flax
+
+    want = flax.linen.unbox(reference.init_model_params(jax.random.PRNGKey(0)))
+    assert jax.tree.map(jnp.shape, state.params["model"]) == jax.tree.map(jnp.shape, want)

@@ -31,7 +31,9 @@ gather the whole batch), so the backends registered ``per_device`` run inside
 ``jax.shard_map`` over the mesh set by ``jax.set_mesh``: the batch split over the
 mesh axes of ``shard_axes.batch`` and the heads over ``shard_axes.heads`` (the
 logical rules give both; the model layer passes them). Each device's kernel then
-sees its own shard. A length split over ``sequence`` goes to ring attention.
+sees its own shard. Self-attention with the length split over ``sequence`` goes to
+ring attention (not with a sliding window: an error says so); decoding against a KV
+cache gathers its few query rows along the length.
 """
 
 from __future__ import annotations
@@ -178,16 +180,6 @@ def _per_device(name, q, k, v, q_segment_ids, kv_segment_ids, spec, interpret, a
         return tuple(a for a in names if a in mesh.shape and mesh.shape[a] > 1 and a not in manual)
 
     length = split(axes.length)
-    if length and spec.q_len == spec.kv_len and spec.sliding_window is None:
-        if length != ("sequence",):
-            raise ValueError(
-                f"attention: the length is split over mesh axes {length}; ring attention "
-                "runs over the 'sequence' axis only. Map 'length' to 'sequence' in the rules"
-            )
-        # Context parallelism: a kernel on a length shard would miss the other keys.
-        return IMPLEMENTATIONS["ring"](
-            q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret
-        )
     batch, heads = split(axes.batch), split(axes.heads)
     if heads != split(axes.kv_heads):
         raise ValueError(
@@ -195,6 +187,10 @@ def _per_device(name, q, k, v, q_segment_ids, kv_segment_ids, spec, interpret, a
             f"over {split(axes.kv_heads)}; a device's query heads need their kv heads, so "
             "map 'heads' and 'kv_heads' to the same mesh axes"
         )
+    if length and spec.q_len == spec.kv_len:
+        return _as_ring(name, q, k, v, q_segment_ids, kv_segment_ids, spec, length, batch, heads)
+    # Decoding against a KV cache (q_len != kv_len): the few query rows are gathered
+    # along the length and each device attends its batch / heads shard to the whole cache.
     if not batch and not heads:
         return backend(q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret)
     parts_b = _parts(mesh, batch)
@@ -226,6 +222,34 @@ def _per_device(name, q, k, v, q_segment_ids, kv_segment_ids, spec, interpret, a
         per_device, mesh=mesh, in_specs=(qkv, qkv, qkv, ids, ids), out_specs=qkv,
         axis_names=set(mesh.axis_names) - manual, check_vma=False,
     )(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _as_ring(name, q, k, v, q_segment_ids, kv_segment_ids, spec, length, batch, heads):
+    """Self-attention split along the length: ring attention (context parallelism),
+    with the batch and heads split as the rules say. A kernel on a length shard would
+    miss the other shards' keys."""
+    if length != ("sequence",):
+        raise ValueError(
+            f"attention: the length is split over mesh axes {length}; ring attention "
+            "runs over the 'sequence' axis only. Map 'length' to 'sequence' in the rules"
+        )
+    if spec.sliding_window is not None:
+        raise ValueError(
+            f"attention implementation={name!r} with sliding_window on a mesh that splits "
+            "the length over 'sequence': ring attention has no window. Use "
+            "implementation='chunked' (XLA partitions it) or sequence=1"
+        )
+    if len(heads) > 1:
+        raise ValueError(
+            f"attention: ring attention splits the heads over one mesh axis, not {heads}"
+        )
+    from t5x_like.kernels import ring  # noqa: PLC0415  (ring imports this module)
+
+    return ring.ring_attention(
+        q, k, v, causal=spec.causal, segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        scale=spec.scale, block_sizes=spec.block_sizes, batch_axes=batch,
+        head_axis=heads[0] if heads else None,
+    )
 
 
 def _parts(mesh, names: tuple[str, ...]) -> int:

@@ -8,33 +8,13 @@ this, not from ``jax.default_backend()``.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 from jax._src import mesh as _mesh_lib  # get_concrete_mesh: the devices behind set_mesh
 
 
-_override: contextvars.ContextVar[Any | None] = contextvars.ContextVar(
-    "t5x_like_compile_target", default=None
-)
-
-
-@contextlib.contextmanager
-def compiling_for(device: Any) -> Iterator[None]:
-    """Traces inside compile for ``device``'s chip even outside its mesh (a trainer's
-    shape inference, traced without a mesh, for a target that is not this host)."""
-    token = _override.set(device)
-    try:
-        yield
-    finally:
-        _override.reset(token)
-
-
 def _mesh_device() -> Any | None:
-    if _override.get() is not None:
-        return _override.get()
     mesh = _mesh_lib.get_concrete_mesh()
     if mesh is not None and not mesh.empty:
         return mesh.devices.flat[0]
@@ -60,4 +40,4 @@ def device() -> Any:
     return jax.devices()[0] if found is None else found
 
 
-__all__ = ["compiling_for", "device", "platform"]
+__all__ = ["device", "platform"]

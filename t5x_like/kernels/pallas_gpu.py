@@ -72,6 +72,7 @@ SMEM_BUDGET_BYTES = SMEM_BYTES - 8 * 1024  # leaves room for vectors, barriers, 
 # fp32 [keys, head_dim] accumulators in one warpgroup's registers (255 per thread).
 BACKWARD_BLOCK_K = 64
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+HOPPER_KINDS = ("H100", "H200", "H800", "H20", "GH200")
 # SMEM is sized for the 16-bit inputs a GPU runs; fp32 (interpret mode only) gets the
 # same ring depths, so the interpreter runs the GPU's pipeline shape.
 GPU_ITEM_BYTES = 2
@@ -114,6 +115,8 @@ def _check_hopper() -> None:
     """wgmma and TMA exist on Hopper (sm_90) only: say so before Mosaic fails."""
     device = compile_target.device()
     capability = getattr(device, "compute_capability", None)
+    if capability is None and any(n in device.device_kind for n in HOPPER_KINDS):
+        capability = "9.0"  # an abstract device (a mesh without devices) names only the kind
     if capability is None or not str(capability).startswith("9."):
         raise ValueError(
             f"implementation='pallas_gpu' needs an NVIDIA Hopper GPU (compute capability "

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from t5x_like.kernels.attention import ShardAxes, dot_product_attention
+from t5x_like.kernels.attention import PER_DEVICE, ShardAxes, dot_product_attention
 from t5x_like.partitioning import logical_to_mesh_axes, with_logical_constraint
 
 Dtype = jnp.dtype | str
@@ -210,8 +210,11 @@ class Attention(nn.Module):
         # Keys / values are whole along length (`kv_length`), except for ring attention
         # (which Pallas becomes on a `sequence`-split mesh): it passes them around the
         # `sequence` axis in the layout of the queries.
-        ring = self.implementation in ("ring", "pallas", "pallas_tpu", "pallas_gpu")
+        ring = self.implementation == "ring" or (
+            self.implementation in PER_DEVICE and self.sliding_window is None
+        )
         kv_length = "length" if ring and kv_cache is None else "kv_length"
+        shard_axes = _attention_shard_axes(kv_length) if self.implementation in PER_DEVICE else None
         k = with_logical_constraint(k, ("batch", kv_length, "kv_heads", "head_dim"))
         v = with_logical_constraint(v, ("batch", kv_length, "kv_heads", "head_dim"))
         window = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
@@ -230,13 +233,13 @@ class Attention(nn.Module):
             out = dot_product_attention(
                 q, *new_cache, causal=False, segment_ids=segment_ids,
                 kv_segment_ids=kv_segment_ids, implementation=self.implementation,
-                interpret=self.interpret, shard_axes=_attention_shard_axes(kv_length),
+                interpret=self.interpret, shard_axes=shard_axes,
             )
         else:
             out = dot_product_attention(
                 q, k, v, causal=self.causal, segment_ids=segment_ids,
                 implementation=self.implementation, interpret=self.interpret,
-                shard_axes=_attention_shard_axes(kv_length), **window,
+                shard_axes=shard_axes, **window,
             )
         out = with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = Dense(
