@@ -27,6 +27,11 @@ def has_accelerator() -> bool:
     return any(glob.glob(pattern) for pattern in ACCELERATOR_NODES)
 
 
+def _jax_backends_started() -> bool:
+    bridge = sys.modules.get("jax._src.xla_bridge")  # private; absent before jax is imported
+    return bool(getattr(bridge, "_backends", None))
+
+
 def configure(env: dict | None = None) -> bool:
     """Sets ``JAX_PLATFORMS=cpu`` where it is unset and no accelerator is present."""
     global applied
@@ -34,8 +39,7 @@ def configure(env: dict | None = None) -> bool:
     if env.get("JAX_PLATFORMS", "").strip() or has_accelerator():
         applied = False
         return applied
-    bridge = sys.modules.get("jax._src.xla_bridge")
-    if getattr(bridge, "_backends", None):
+    if _jax_backends_started():
         applied = False  # jax's clients already started: too late to choose
         return applied
     env["JAX_PLATFORMS"] = "cpu"
