@@ -19,6 +19,7 @@ What this proves and what not: see the README ("Compiling for the real targets")
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -28,6 +29,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # sibling bench modules
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -164,13 +166,13 @@ def blocks(target, head_dims, length=8192) -> str:
 
 
 def one_billion_steps() -> str:
-    from t5x_like.models.decoder import DecoderConfig
     from t5x_like.train_tasks import LanguageModelTask
 
-    model = DecoderConfig(vocab_size=128256, embed_dim=2048, num_layers=16, num_heads=32,
-                          num_kv_heads=8, head_dim=64, mlp_dim=8192, tie_embeddings=True,
-                          rope_theta=500_000.0, attention="pallas", dtype="bfloat16",
-                          remat_policy="full", scan_layers=True, max_position_embeddings=8192)
+    from long_context_memory import PRESETS  # bench/long_context_memory.py: the 1B shape
+
+    model = dataclasses.replace(PRESETS["1b"], attention="pallas", dtype="bfloat16",
+                                remat_policy="full", scan_layers=True,
+                                max_position_embeddings=8192)
     rows = ["| target | mesh | rows x tokens | compile s | all-gathers (q/k/v-shaped) | "
             "arguments GiB | temporaries GiB | peak / HBM GiB |", "|---|---|---|---|---|---|---|---|"]
     for name, mesh, batch in (("v5p:2x2x1", {"data": 1, "fsdp": 4}, 4), ("h100:8", {"data": 8}, 8)):

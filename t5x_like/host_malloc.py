@@ -53,11 +53,6 @@ def wanted(env: dict | None = None) -> bool:
     return not host_platform.has_accelerator()
 
 
-def _jax_backend_started() -> bool:
-    bridge = sys.modules.get("jax._src.xla_bridge")  # private; absent before jax is imported
-    return bool(getattr(bridge, "_backends", None))
-
-
 def configure(env: dict | None = None) -> bool:
     """Apply the settings when :func:`wanted`; returns whether they were applied."""
     global applied
@@ -67,7 +62,7 @@ def configure(env: dict | None = None) -> bool:
     applied = False
     if sys.platform != "linux" or not wanted(env):
         return applied
-    if _jax_backend_started():
+    if host_platform.jax_backends_started():
         # The client's threads already own their arenas: settings now change little.
         if "MALLOC_ARENA_MAX" in env:
             return applied  # set in the environment, as the message below advises

@@ -27,7 +27,8 @@ def has_accelerator() -> bool:
     return any(glob.glob(pattern) for pattern in ACCELERATOR_NODES)
 
 
-def _jax_backends_started() -> bool:
+def jax_backends_started() -> bool:
+    """Whether jax has started its clients (too late then to choose platforms or malloc)."""
     bridge = sys.modules.get("jax._src.xla_bridge")  # private; absent before jax is imported
     return bool(getattr(bridge, "_backends", None))
 
@@ -39,7 +40,7 @@ def configure(env: dict | None = None) -> bool:
     if env.get("JAX_PLATFORMS", "").strip() or has_accelerator():
         applied = False
         return applied
-    if _jax_backends_started():
+    if jax_backends_started():
         applied = False  # jax's clients already started: too late to choose
         return applied
     env["JAX_PLATFORMS"] = "cpu"

@@ -30,7 +30,6 @@ import re
 from typing import Any
 
 import jax
-import numpy as np
 
 from t5x_like import partitioning
 
@@ -174,11 +173,6 @@ def memory_report(compiled: Any, target: Target) -> dict[str, float]:
         report["hbm_gib"] = target.hbm_bytes / GIB
         report["fits"] = float(report["peak_gib"] <= report["hbm_gib"])
     return report
-
-
-def device_grid(target: Target, *shape: int) -> np.ndarray:
-    """The target's devices as an array of ``shape`` (for a hand-made ``Mesh``)."""
-    return np.array(target.devices, dtype=object).reshape(shape)
 
 
 __all__ = ["GPU_CONFIGS", "TPU_CHIPS", "Target", "get", "memory_report", "put_ptxas_on_path"]

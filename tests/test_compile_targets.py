@@ -60,10 +60,10 @@ def test_bad_target_names_are_refused(name, message):
 def test_cpu_runtime_is_the_default_without_a_chip(monkeypatch):
     monkeypatch.setattr(host_platform, "has_accelerator", lambda: False)
     monkeypatch.setattr(jax.config, "update", lambda *a: None)  # keep this process's setting
-    monkeypatch.setattr(host_platform, "_jax_backends_started", lambda: True)
+    monkeypatch.setattr(host_platform, "jax_backends_started", lambda: True)
     env = {}
     assert not host_platform.configure(env) and not env  # too late once jax's clients run
-    monkeypatch.setattr(host_platform, "_jax_backends_started", lambda: False)
+    monkeypatch.setattr(host_platform, "jax_backends_started", lambda: False)
     assert host_platform.configure(env) and env["JAX_PLATFORMS"] == "cpu"
     env = {"JAX_PLATFORMS": "cuda"}
     assert not host_platform.configure(env) and env["JAX_PLATFORMS"] == "cuda"

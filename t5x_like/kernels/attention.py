@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import numbers
 from typing import Callable, Protocol
 
@@ -193,8 +194,8 @@ def _per_device(name, q, k, v, q_segment_ids, kv_segment_ids, spec, interpret, a
     # along the length and each device attends its batch / heads shard to the whole cache.
     if not batch and not heads:
         return backend(q, k, v, q_segment_ids, kv_segment_ids, spec, interpret=interpret)
-    parts_b = _parts(mesh, batch)
-    parts_h = _parts(mesh, heads)
+    parts_b = math.prod(mesh.shape[a] for a in batch)
+    parts_h = math.prod(mesh.shape[a] for a in heads)
     for what, size, parts, names in (
         ("batch", spec.batch, parts_b, batch),
         ("heads", spec.heads, parts_h, heads),
@@ -250,13 +251,6 @@ def _as_ring(name, q, k, v, q_segment_ids, kv_segment_ids, spec, length, batch, 
         scale=spec.scale, block_sizes=spec.block_sizes, batch_axes=batch,
         head_axis=heads[0] if heads else None,
     )
-
-
-def _parts(mesh, names: tuple[str, ...]) -> int:
-    size = 1
-    for name in names:
-        size *= int(mesh.shape[name])
-    return size
 
 
 def _validate(
