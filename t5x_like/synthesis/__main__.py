@@ -17,7 +17,8 @@ from t5x_like import config_cli
 from t5x_like.synthesis.lm import HTTPLM, LocalLM, tokenizer_counter
 from t5x_like.synthesis.retrieval import BM25Retriever, DenseRetriever, load_documents
 from t5x_like.synthesis.workflow import Settings, Workflow
-from t5x_like.train import from_section, resolve_path
+from t5x_like.model_sources import resolve_model_dir, resolve_path
+from t5x_like.run_config import from_section
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,10 @@ def check_config(cfg) -> dict:
     parent = next((p for p in output.absolute().parents if p.exists()), None)
     if parent is None or not parent.is_dir():
         raise NotADirectoryError(f"config.output={cfg.output!r}: {parent} is not a directory")
+    from_section(Settings, cfg.synthesis, "synthesis")  # settings first: nothing to load
     found = {"output": output, "data.path": resolve_path(cfg.data.path, "data.path")}
     if cfg.lm.kind == "local":
-        found["lm.model"] = resolve_path(cfg.lm.model, "lm.model")
+        found["lm.model"] = resolve_model_dir(cfg.lm.model, "lm.model")
     elif cfg.lm.kind == "http":
         if not cfg.lm.url or not cfg.lm.name:
             raise ValueError("config.lm.kind='http' needs config.lm.url and config.lm.name")
@@ -52,10 +54,9 @@ def check_config(cfg) -> dict:
     else:
         raise ValueError(f"config.lm.kind={cfg.lm.kind!r} is not one of ('local', 'http')")
     if cfg.retriever.kind == "dense":
-        found["retriever.model"] = resolve_path(cfg.retriever.model, "retriever.model")
+        found["retriever.model"] = resolve_model_dir(cfg.retriever.model, "retriever.model")
     elif cfg.retriever.kind != "bm25":
         raise ValueError(f"config.retriever.kind={cfg.retriever.kind!r} is not one of ('bm25', 'dense')")
-    from_section(Settings, cfg.synthesis, "synthesis")
     return found
 
 

@@ -1,0 +1,88 @@
+"""Evaluations a training run makes between steps, each an ``EvalHook`` of the trainer.
+
+- ``beir_hook``: nDCG@10 / recall@100 of the current parameters on a BEIR split
+  (and BM25 once, as the baseline row);
+- ``perplexity_hook``: cross-entropy and perplexity on fixed held-out LM batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+
+from t5x_like.export import to_host
+from t5x_like.model_sources import resolve_path
+from t5x_like.trainer import EvalHook
+
+
+
+def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict]:
+    """nDCG@10 / recall@100 of the current parameters on a BEIR split (+ BM25 once)."""
+    from t5x_like.convert.tokenizer import load_tokenizer
+    from t5x_like.convert.hf import read_hf_config
+    from t5x_like.data.sources import read_beir
+    from t5x_like.evaluation import beir, retrieval
+    from t5x_like.models.embedder import Embedder, _default_max_length
+
+    e = cfg.eval
+    data = read_beir(resolve_path(e.beir_path, "eval.beir_path"), e.split)
+    query_ids = sorted(data.qrels)[: e.max_queries or None]
+    hf_config = read_hf_config(tok_dir) if (tok_dir / "config.json").exists() else None
+    embedder = Embedder(dataclasses.replace(model_config, dtype="float32"), params=None,
+                        tokenizer=load_tokenizer(tok_dir, hf_config), pooling=task.pooling,
+                        max_length=e.max_length or _default_max_length(model_config),
+                        append_eos=cfg.data.append_eos)
+    export = jax.jit(task.export_params)
+    cache = Path(e.cache_dir) if e.cache_dir else Path(workdir) / "embeddings"
+    qrels = {q: data.qrels[q] for q in query_ids}
+    baseline = {}
+    if e.bm25:
+        baseline = retrieval.evaluate(qrels, beir.bm25_run(data, query_ids, k=e.k), k_values=(10, 100))
+
+    if jax.process_count() > 1:
+        # Each process evaluates alone on its first local device (no collectives to
+        # hang on); only process 0 writes the embedding cache.
+        sharded_export, local = export, jax.local_devices()[0]
+
+        def export(params):
+            return jax.device_put(to_host(sharded_export(params)), local)
+
+        cache = cache if jax.process_index() == 0 else None
+
+    def evaluate(state):
+        embedder.params = export(state.params)
+        run = beir.dense_run(embedder, data, query_ids, k=e.k, batch_size=e.batch_size,
+                             query_prefix=e.query_prefix or None,
+                             passage_prefix=e.passage_prefix or None,
+                             instruction=e.instruction or None, cache_dir=cache)
+        metrics = retrieval.evaluate(qrels, run, k_values=(10, 100))
+        return {"ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
+
+    return EvalHook("beir", e.every or 10 ** 9, evaluate), baseline
+
+
+def perplexity_hook(cfg, task, trainer, vocab) -> EvalHook:
+    from t5x_like.data import builders
+
+    e = cfg.eval
+    section = cfg.data.copy_and_resolve_references()
+    section.path = str(resolve_path(e.lm_path, "eval.lm_path"))
+    # eval.lm_path is plain text, whatever the training mix (instructions, long / short)
+    section.update(format="text", instructions_path="", long_fraction=0.0)
+    batches = builders.lm_batches(section, vocab, cfg.train.batch_size, trainer.mesh,
+                                  seed=cfg.seed, name="eval_lm")
+    fixed = [next(batches) for _ in range(e.lm_batches)]
+    eval_sums = jax.jit(task.eval_sums)
+
+    def evaluate(state):
+        with jax.set_mesh(trainer.mesh):  # per-device kernels (Pallas) shard over it
+            totals = [jax.device_get(eval_sums(state.params, b)) for b in fixed]
+        loss = sum(t["cross_entropy"] for t in totals) / sum(t["weight"] for t in totals)
+        return {"cross_entropy": loss, "perplexity": math.exp(loss)}
+
+    return EvalHook("eval", e.every or 10 ** 9, evaluate)
+
+
