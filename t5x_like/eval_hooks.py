@@ -25,7 +25,7 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict
     from t5x_like.convert.hf import read_hf_config
     from t5x_like.data.sources import read_beir
     from t5x_like.evaluation import beir, retrieval
-    from t5x_like.models.embedder import Embedder, _default_max_length
+    from t5x_like.embedder import Embedder, default_max_length
 
     e = cfg.eval
     data = read_beir(resolve_path(e.beir_path, "eval.beir_path"), e.split)
@@ -33,7 +33,7 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict
     hf_config = read_hf_config(tok_dir) if (tok_dir / "config.json").exists() else None
     embedder = Embedder(dataclasses.replace(model_config, dtype="float32"), params=None,
                         tokenizer=load_tokenizer(tok_dir, hf_config), pooling=task.pooling,
-                        max_length=e.max_length or _default_max_length(model_config),
+                        max_length=e.max_length or default_max_length(model_config),
                         append_eos=cfg.data.append_eos)
     export = jax.jit(task.export_params)
     cache = Path(e.cache_dir) if e.cache_dir else Path(workdir) / "embeddings"

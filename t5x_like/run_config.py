@@ -76,9 +76,9 @@ def default_pooling(cfg, model_config, model_dir) -> str:
     if cfg.pooling:
         return cfg.pooling
     if model_dir is not None:
-        from t5x_like.models.embedder import _sentence_transformers_settings
+        from t5x_like.convert import sentence_transformers
 
-        pooling = _sentence_transformers_settings(model_dir).get("pooling")
+        pooling = sentence_transformers.settings(model_dir).get("pooling")
         if pooling:
             return pooling
     return "last" if isinstance(model_config, DecoderConfig) else "mean"

@@ -25,7 +25,7 @@ from t5x_like import models, partitioning
 from t5x_like.kernels import attention
 from t5x_like.models import lora as lora_lib
 from t5x_like.models.decoder import DecoderConfig
-from t5x_like.models.embedder import hidden_states, pool
+from t5x_like.models.pooling import hidden_states, pool
 from t5x_like.objectives import contrastive, lm
 
 TRAIN, FROZEN = "train", "frozen"

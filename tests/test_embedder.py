@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from t5x_like import paths
 from t5x_like.convert.tokenizer import SentencePieceTokenizer, load_tokenizer
 from t5x_like.embed import read_texts
-from t5x_like.models.embedder import Embedder, bucket_length, finish, format_texts, pool
+from t5x_like.embedder import Embedder, bucket_length, format_texts
+from t5x_like.models.pooling import finish, pool
 
 # ------------------------------------------------------------------------ pooling
 

@@ -214,7 +214,7 @@ MAX_LENGTH = 64
 def test_dense_run_with_minilm_matches_sentence_transformers(scifact, tmp_path, devices):
     st = pytest.importorskip("sentence_transformers")
     from t5x_like.evaluation.beir import corpus_cache_key, dense_run
-    from t5x_like.models.embedder import Embedder
+    from t5x_like.embedder import Embedder
 
     data, qids = scifact_subset(scifact)
     embedder = Embedder.from_pretrained(minilm.get_model_path(), max_length=MAX_LENGTH)

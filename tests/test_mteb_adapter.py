@@ -21,7 +21,7 @@ MAX_LENGTH = 64  # as in test_evaluation_retrieval: keeps CPU embedding quick
 
 @pytest.fixture(scope="module")
 def embedder():
-    from t5x_like.models.embedder import Embedder
+    from t5x_like.embedder import Embedder
 
     return Embedder.from_pretrained(minilm.get_model_path(), max_length=MAX_LENGTH)
 

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from t5x_like import partitioning as part
-from t5x_like.models.embedder import pool
+from t5x_like.models.pooling import pool
 from t5x_like.models.encoder import Encoder, EncoderConfig
 from t5x_like.objectives import contrastive as c
 

@@ -121,7 +121,7 @@ def dense_run(embedder, data: BeirData, query_ids: Sequence[str], k: int = 1000,
               query_prefix: str | None = None, passage_prefix: str | None = None,
               instruction: str | None = None, batch_size: int = 64,
               cache_dir: str | Path | None = None, mesh=None) -> retrieval.Run:
-    """Embeds queries and corpus with ``embedder`` (``t5x_like.models.embedder.Embedder``) and
+    """Embeds queries and corpus with ``embedder`` (``t5x_like.embedder.Embedder``) and
     returns each query's exact inner-product top ``k``.
 
     ``query_prefix`` / ``passage_prefix``: E5's ``"query: "`` / ``"passage: "``;
@@ -226,7 +226,7 @@ def main(argv):
     else:
         import jax
 
-        from t5x_like.models.embedder import Embedder
+        from t5x_like.embedder import Embedder
 
         embedder = Embedder.from_pretrained(model_dir, dtype=FLAGS.dtype, max_length=FLAGS.max_length)
         devices = jax.devices()

@@ -3,7 +3,7 @@ r"""Our embedders under the ``mteb`` benchmark, and local BEIR folders as ``mteb
   python -m t5x_like.evaluation.mteb_adapter --model DIR --style e5 \
       (--tasks SciFact,NFCorpus | --beir BEIR_DIR [--split test]) [--output DIR]
 
-``MtebEncoder`` wraps ``t5x_like.models.embedder.Embedder`` in the shape ``mteb``
+``MtebEncoder`` wraps ``t5x_like.embedder.Embedder`` in the shape ``mteb``
 (2.x) calls: ``encode(inputs, *, task_metadata, hf_split, hf_subset, prompt_type)``
 over a torch ``DataLoader`` of ``{"text": [...]}`` batches, ``similarity``,
 ``similarity_pairwise`` and ``mteb_model_meta``. What a text is prefixed with
@@ -36,7 +36,7 @@ import numpy as np
 
 from absl import app, flags
 
-from t5x_like.models.embedder import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX
+from t5x_like.embedder import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX
 
 STYLES = ("e5", "e5-instruct", "none")
 E5_PREFIXES = {"query": E5_QUERY_PREFIX, "document": E5_PASSAGE_PREFIX, None: E5_QUERY_PREFIX}
@@ -46,7 +46,7 @@ E5_PREFIXES = {"query": E5_QUERY_PREFIX, "document": E5_PASSAGE_PREFIX, None: E5
 class MtebEncoder:
     """An ``Embedder`` as an ``mteb`` encoder (see the module doc for ``style``)."""
 
-    embedder: Any  # t5x_like.models.embedder.Embedder
+    embedder: Any  # t5x_like.embedder.Embedder
     style: str = "none"
     name: str = "t5x_like/model"
     revision: str = "local"
@@ -230,7 +230,7 @@ def main(argv: Sequence[str]) -> None:
     del argv
     import mteb
 
-    from t5x_like.models.embedder import Embedder
+    from t5x_like.embedder import Embedder
 
     from t5x_like.data.sources import BadRecord
 

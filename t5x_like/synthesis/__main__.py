@@ -79,7 +79,7 @@ def build_retriever(cfg, found: dict, documents: dict[str, str]):
     c = cfg.retriever
     if c.kind == "bm25":
         return BM25Retriever(documents)
-    from t5x_like.models.embedder import Embedder
+    from t5x_like.embedder import Embedder
 
     embedder = Embedder.from_pretrained(found["retriever.model"])
     return DenseRetriever(embedder, documents, query_prefix=c.query_prefix or None,

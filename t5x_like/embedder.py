@@ -1,63 +1,27 @@
-"""Pooling heads and the text-embedding API.
+"""The text-embedding API: ``Embedder.from_pretrained(dir).encode(texts, prefix="query: ")``.
 
-Pooling reads the padding mask, so left and right padding give the same
-vectors: ``mean`` averages real tokens, ``cls`` takes the first real token,
-``last`` the last real one (decoder embedders append EOS so that token has
-read the whole text). Vectors are L2-normalised by default and may be cut to
-a Matryoshka prefix (renormalised after the cut).
-
-``Embedder.from_pretrained(dir).encode(texts, prefix="query: ")`` embeds with
-a Hugging Face / sentence-transformers directory; ``python -m t5x_like.embed``
-is the command-line form.
+An ``Embedder`` holds a model, its parameters, its tokenizer and how hidden states
+become vectors (``models.pooling``). It loads a Hugging Face / sentence-transformers
+directory, formats texts (E5 prefixes, E5-mistral instructions), sorts them by length
+into padded batches of a few bucketed lengths, and embeds them.
+``python -m t5x_like.embed`` is the command-line form.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from t5x_like import models
 from t5x_like.models.decoder import DecoderConfig
+from t5x_like.models.pooling import POOLINGS, finish, hidden_states, pool
 
-POOLINGS = ("mean", "cls", "last")
 E5_QUERY_PREFIX = "query: "
 E5_PASSAGE_PREFIX = "passage: "
-
-
-def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
-    """``[batch, length, dim]`` hidden states → ``[batch, dim]`` fp32 by the padding ``mask``."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r} is not one of {POOLINGS}")
-    hidden = hidden.astype(jnp.float32)
-    mask = mask.astype(jnp.int32)
-    length = mask.shape[1]
-    if pooling == "mean":
-        m = mask[..., None].astype(jnp.float32)
-        return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
-    if pooling == "cls":
-        index = jnp.argmax(mask, axis=1)  # first real token, whichever side the padding is on
-    else:
-        index = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # last real token
-    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
-
-
-def finish(pooled: jax.Array, *, normalize: bool = True, dim: int | None = None) -> jax.Array:
-    """Matryoshka truncation to ``dim`` (if given), then optional L2 normalisation."""
-    if dim is not None:
-        if not 0 < dim <= pooled.shape[-1]:
-            raise ValueError(f"dim={dim} must be in [1, {pooled.shape[-1]}]")
-        pooled = pooled[..., :dim]
-    return l2_normalize(pooled) if normalize else pooled
 
 
 def instruction_query(task: str, query: str) -> str:
@@ -74,7 +38,20 @@ def format_texts(texts: Sequence[str], prefix: str | None = None,
     return [(prefix or "") + t for t in texts]
 
 
-# ---------------------------------------------------------------------- Embedder
+def bucket_length(n: int) -> int:
+    """Padded length for ``n`` tokens: powers of two from 16 to 256, then multiples of 256,
+    so a whole corpus compiles a handful of shapes and wastes < 2x on padding."""
+    if n <= 256:
+        return max(16, 1 << (n - 1).bit_length())
+    return -(-n // 256) * 256
+
+
+def default_max_length(config: models.ModelConfig) -> int:
+    if isinstance(config, DecoderConfig):
+        return min(config.max_position_embeddings, 4096)
+    # XLM-R positions start after the padding id, which uses up pad_token_id + 1 slots.
+    offset = config.pad_token_id + 1 if config.model_type == "xlm-roberta" else 0
+    return min(512, config.max_position_embeddings - offset)
 
 
 @dataclasses.dataclass
@@ -119,7 +96,7 @@ class Embedder:
         encoders and last-token pooling (EOS appended) for decoders.
         ``causal=False`` makes a decoder bidirectional.
         """
-        from t5x_like.convert import hf, tokenizer as tok
+        from t5x_like.convert import hf, sentence_transformers, tokenizer as tok
 
         path = Path(path)
         config, params = hf.load_hf(path)
@@ -129,13 +106,13 @@ class Embedder:
                 raise ValueError("causal= applies to decoder models only")
             overrides["causal"] = causal
         config = dataclasses.replace(config, **overrides)
-        st = _sentence_transformers_settings(path)
+        st = sentence_transformers.settings(path)
         decoder = isinstance(config, DecoderConfig)
         pooling = pooling or st.get("pooling") or ("last" if decoder else "mean")
         if normalize is None:
             normalize = st.get("normalize", True)
         if max_length is None:
-            max_length = st.get("max_length") or _default_max_length(config)
+            max_length = st.get("max_length") or default_max_length(config)
         kwargs.setdefault("append_eos", decoder and pooling == "last")
         return cls(config, params, tok.load_tokenizer(path, hf.read_hf_config(path)),
                    pooling=pooling, normalize=normalize, max_length=max_length, **kwargs)
@@ -204,65 +181,3 @@ class Embedder:
     def hidden_states(self, params, tokens, mask):
         """Final hidden states ``[batch, length, dim]`` for padded tokens and their mask."""
         return hidden_states(self.module, params, tokens, mask)
-
-
-def hidden_states(module, params, tokens, mask, *, dropout_rng=None):
-    """Final hidden states of an encoder or decoder ``module`` for padded rows.
-
-    Decoders see padding as its own segment and positions counting real tokens
-    (so left padding works); ``dropout_rng`` turns on an encoder's dropout.
-    """
-    variables = {"params": params}
-    if isinstance(module.config, DecoderConfig):
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        return module.apply(variables, tokens, segment_ids=mask, positions=positions,
-                            return_hidden=True)
-    if dropout_rng is None:
-        return module.apply(variables, tokens, mask)
-    return module.apply(variables, tokens, mask, deterministic=False, rngs={"dropout": dropout_rng})
-
-
-def bucket_length(n: int) -> int:
-    """Padded length for ``n`` tokens: powers of two from 16 to 256, then multiples of 256,
-    so a whole corpus compiles a handful of shapes and wastes < 2x on padding."""
-    if n <= 256:
-        return max(16, 1 << (n - 1).bit_length())
-    return -(-n // 256) * 256
-
-
-def _sentence_transformers_settings(path: Path) -> dict:
-    """Pooling, normalisation and max length from a sentence-transformers directory."""
-    out: dict = {}
-    modules_file = path / "modules.json"
-    if modules_file.exists():
-        modules = json.loads(modules_file.read_text())
-        out["normalize"] = any(m.get("type", "").endswith("Normalize") for m in modules)
-        for m in modules:
-            if m.get("type", "").endswith("Pooling"):
-                pooling_file = path / m.get("path", "1_Pooling") / "config.json"
-                if pooling_file.exists():
-                    out["pooling"] = _pooling_mode(json.loads(pooling_file.read_text()), pooling_file)
-    bert_config = path / "sentence_bert_config.json"
-    if bert_config.exists():
-        out["max_length"] = json.loads(bert_config.read_text()).get("max_seq_length")
-    return out
-
-
-def _pooling_mode(cfg: dict, source: Path) -> str:
-    modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
-             "pooling_mode_lasttoken": "last"}
-    chosen = [mode for key, mode in modes.items() if cfg.get(key)]
-    if len(chosen) != 1:
-        raise ValueError(
-            f"{source}: exactly one of {sorted(modes)} must be true (other pooling modes are "
-            "not supported); pass pooling= to override"
-        )
-    return chosen[0]
-
-
-def _default_max_length(config: models.ModelConfig) -> int:
-    if isinstance(config, DecoderConfig):
-        return min(config.max_position_embeddings, 4096)
-    # XLM-R positions start after the padding id, which uses up pad_token_id + 1 slots.
-    offset = config.pad_token_id + 1 if config.model_type == "xlm-roberta" else 0
-    return min(512, config.max_position_embeddings - offset)
