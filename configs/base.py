@@ -117,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
         passage_prefix="",
         instruction="",
         cache_dir="",  # corpus embeddings (default: WORKDIR/embeddings)
+        dtype="",  # embedding dtype at evaluation ("": the run's model.dtype; e.g. float32)
         lm_path="",  # lm: held-out text for perplexity
         lm_batches=4,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -19,6 +19,7 @@ import numpy as np
 from t5x_like import models
 from t5x_like.models.decoder import DecoderConfig
 from t5x_like.models.pooling import POOLINGS, finish, hidden_states, pool
+from t5x_like.partitioning import Partitioner
 
 E5_QUERY_PREFIX = "query: "
 E5_PASSAGE_PREFIX = "passage: "
@@ -66,6 +67,9 @@ class Embedder:
     max_length: int = 512
     append_eos: bool = False  # append EOS before last-token pooling (E5-mistral)
     padding_side: str = "right"
+    # A Mesh or partitioning.Partitioner: parameters split by the rules (fsdp / tensor),
+    # rows over the batch axes, so a model larger than one device embeds over many.
+    mesh: Any = None
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -73,7 +77,17 @@ class Embedder:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={self.padding_side!r} must be 'left' or 'right'")
         self.module = models.build(self.config)
-        self._forward = jax.jit(self._embed_batch, static_argnames=("normalize", "dim"))
+        self.partitioner = Partitioner.of(self.mesh)
+        self._placed: tuple[int, Any] | None = None  # (id of self.params, them on the mesh)
+        if self.partitioner is None:
+            self._forward = jax.jit(self._embed_batch, static_argnums=(3, 4))
+            return
+        shapes, specs = models.abstract_params(self.config)
+        self._param_shardings = self.partitioner.param_shardings(specs, shapes)
+        rows = self.partitioner.batch_sharding(2)
+        self._forward = jax.jit(self._embed_batch, static_argnums=(3, 4),
+                                in_shardings=(self._param_shardings, rows, rows),
+                                out_shardings=rows)
 
     @classmethod
     def from_pretrained(
@@ -94,7 +108,8 @@ class Embedder:
         sentence-transformers settings (``1_Pooling/config.json``, a ``Normalize``
         module, ``sentence_bert_config.json``); otherwise mean pooling for
         encoders and last-token pooling (EOS appended) for decoders.
-        ``causal=False`` makes a decoder bidirectional.
+        ``causal=False`` makes a decoder bidirectional; ``mesh=`` (a Mesh or a
+        ``Partitioner``) embeds sharded.
         """
         from t5x_like.convert import hf, sentence_transformers, tokenizer as tok
 
@@ -144,6 +159,9 @@ class Embedder:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         ids = self.tokenize(format_texts(texts, prefix, instruction), max_length)
+        params, rows_per_batch = self._params_on_mesh(), batch_size
+        if self.partitioner is not None:  # every batch shard gets whole rows
+            rows_per_batch = self.partitioner.padded_rows(batch_size)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out: np.ndarray | None = None
         starts = range(0, len(ids), batch_size)
@@ -151,9 +169,8 @@ class Embedder:
             show_progress = len(starts) > 1
         for start in tqdm(starts, desc="embedding", unit="batch", disable=not show_progress):
             rows = order[start:start + batch_size]
-            tokens, mask = self._pad([ids[i] for i in rows], batch_size)
-            vecs = np.asarray(self._forward(self.params, tokens, mask,
-                                            normalize=self.normalize, dim=dim))
+            tokens, mask = self._pad([ids[i] for i in rows], rows_per_batch)
+            vecs = np.asarray(self._run(params, tokens, mask, dim))
             if out is None:
                 out = np.zeros((len(ids), vecs.shape[-1]), np.float32)
             out[rows] = vecs[: len(rows)]
@@ -161,6 +178,20 @@ class Embedder:
             width = dim or self.config.embed_dim
             return np.zeros((0, width), np.float32)
         return out
+
+    def _params_on_mesh(self):
+        """``self.params`` (reassigned by the training hooks), placed once on the mesh."""
+        if self.partitioner is None:
+            return self.params
+        if self._placed is None or self._placed[0] != id(self.params):
+            self._placed = (id(self.params), self.partitioner.place(self.params, self._param_shardings))
+        return self._placed[1]
+
+    def _run(self, params, tokens, mask, dim):
+        if self.partitioner is None:
+            return self._forward(params, tokens, mask, self.normalize, dim)
+        with self.partitioner.scope():
+            return self._forward(params, tokens, mask, self.normalize, dim)
 
     def _pad(self, rows: list[list[int]], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         longest = max(len(r) for r in rows)
@@ -174,7 +205,7 @@ class Embedder:
             mask[i, span] = 1
         return tokens, mask
 
-    def _embed_batch(self, params, tokens, mask, *, normalize: bool, dim: int | None):
+    def _embed_batch(self, params, tokens, mask, normalize: bool, dim: int | None):
         hidden = self.hidden_states(params, tokens, mask)
         return finish(pool(hidden, mask, self.pooling), normalize=normalize, dim=dim)
 

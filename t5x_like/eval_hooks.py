@@ -15,12 +15,18 @@ import jax
 
 from t5x_like.export import to_host
 from t5x_like.model_sources import resolve_path
+from t5x_like.partitioning import Partitioner
 from t5x_like.trainer import EvalHook
 
 
 
-def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict]:
-    """nDCG@10 / recall@100 of the current parameters on a BEIR split (+ BM25 once)."""
+def beir_hook(cfg, task, model_config, tok_dir, workdir, trainer) -> tuple[EvalHook, dict]:
+    """nDCG@10 / recall@100 of the current parameters on a BEIR split (+ BM25 once).
+
+    The embedder runs on the trainer's partitioner (parameters where training keeps
+    them), in the run's compute dtype and attention backend; ``eval.dtype`` overrides
+    the dtype (``float32`` for the most exact figures where the backend allows it).
+    """
     from t5x_like.convert.tokenizer import load_tokenizer
     from t5x_like.convert.hf import read_hf_config
     from t5x_like.data.sources import read_beir
@@ -31,10 +37,15 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict
     data = read_beir(resolve_path(e.beir_path, "eval.beir_path"), e.split)
     query_ids = sorted(data.qrels)[: e.max_queries or None]
     hf_config = read_hf_config(tok_dir) if (tok_dir / "config.json").exists() else None
-    embedder = Embedder(dataclasses.replace(model_config, dtype="float32"), params=None,
-                        tokenizer=load_tokenizer(tok_dir, hf_config), pooling=task.pooling,
+    # Several processes: each evaluates alone on its first local device (no collectives to
+    # hang on); only process 0 writes the embedding cache.
+    alone = jax.process_count() > 1
+    partitioner = Partitioner.local() if alone else trainer.partitioner
+    embed_config = dataclasses.replace(model_config, dtype=e.dtype) if e.dtype else model_config
+    embedder = Embedder(embed_config, params=None, tokenizer=load_tokenizer(tok_dir, hf_config),
+                        pooling=task.pooling, append_eos=cfg.data.append_eos,
                         max_length=e.max_length or default_max_length(model_config),
-                        append_eos=cfg.data.append_eos)
+                        mesh=partitioner)
     export = jax.jit(task.export_params)
     cache = Path(e.cache_dir) if e.cache_dir else Path(workdir) / "embeddings"
     qrels = {q: data.qrels[q] for q in query_ids}
@@ -42,13 +53,11 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict
     if e.bm25:
         baseline = retrieval.evaluate(qrels, beir.bm25_run(data, query_ids, k=e.k), k_values=(10, 100))
 
-    if jax.process_count() > 1:
-        # Each process evaluates alone on its first local device (no collectives to
-        # hang on); only process 0 writes the embedding cache.
-        sharded_export, local = export, jax.local_devices()[0]
+    if alone:
+        sharded_export = export
 
         def export(params):
-            return jax.device_put(to_host(sharded_export(params)), local)
+            return to_host(sharded_export(params))
 
         cache = cache if jax.process_index() == 0 else None
 
@@ -57,7 +66,8 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir) -> tuple[EvalHook, dict
         run = beir.dense_run(embedder, data, query_ids, k=e.k, batch_size=e.batch_size,
                              query_prefix=e.query_prefix or None,
                              passage_prefix=e.passage_prefix or None,
-                             instruction=e.instruction or None, cache_dir=cache)
+                             instruction=e.instruction or None, cache_dir=cache,
+                             mesh=None if alone else partitioner.mesh)
         metrics = retrieval.evaluate(qrels, run, k_values=(10, 100))
         return {"ndcg@10": metrics["ndcg@10"], "recall@100": metrics["recall@100"]}
 
@@ -78,7 +88,7 @@ def perplexity_hook(cfg, task, trainer, vocab) -> EvalHook:
     eval_sums = jax.jit(task.eval_sums)
 
     def evaluate(state):
-        with jax.set_mesh(trainer.mesh):  # per-device kernels (Pallas) shard over it
+        with trainer.partitioner.scope():  # per-device kernels (Pallas) shard over its mesh
             totals = [jax.device_get(eval_sums(state.params, b)) for b in fixed]
         loss = sum(t["cross_entropy"] for t in totals) / sum(t["weight"] for t in totals)
         return {"cross_entropy": loss, "perplexity": math.exp(loss)}

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from t5x_like import models
 from t5x_like import partitioning as part
 from t5x_like.models.decoder import Decoder, DecoderConfig, init_cache
 
@@ -222,7 +223,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     seed: int = 0,
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: "jax.sharding.Mesh | part.Partitioner | None" = None,
     prompt_lengths: Sequence[int] | np.ndarray | None = None,
     padding_side: str = "right",
     return_logits: bool = False,
@@ -233,7 +234,8 @@ def generate(
     ``[batch, length]`` padded with ``pad_id`` on ``padding_side`` (or with explicit
     ``prompt_lengths``; real tokens must be contiguous). ``stop_tokens``: ids that
     end a row (e.g. ``(eos_id,)``; the stop token is kept, ``pad_id`` follows).
-    ``seed`` fixes the sampling stream (unused when greedy). ``mesh``: run sharded.
+    ``seed`` fixes the sampling stream (unused when greedy). ``mesh`` (a Mesh or a
+    ``partitioning.Partitioner``): run sharded.
     """
     if not isinstance(config, DecoderConfig) or not config.lm_head:
         raise ValueError("generate: needs a DecoderConfig with an LM head (lm_head=True)")
@@ -250,9 +252,9 @@ def generate(
         raise ValueError(f"generate: prompt ids outside the vocabulary [0, {config.vocab_size})")
     rows = tokens.shape[0]
     done = np.zeros((rows,), bool)
-    if mesh is not None:  # pad the batch to a multiple of its shards with finished rows
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        extra = -rows % shards
+    partitioner = part.Partitioner.of(mesh)
+    if partitioner is not None:  # pad the batch to a multiple of its shards with finished rows
+        extra = partitioner.padded_rows(rows) - rows
         if extra:
             tokens = np.concatenate([tokens, np.full((extra, tokens.shape[1]), pad_id, np.int32)])
             mask = np.concatenate([mask, np.ones((extra, mask.shape[1]), np.int32)])
@@ -268,13 +270,13 @@ def generate(
     stops[:len(stop_tokens)] = stop_tokens
     fn = _compiled(config, settings)
     key = jax.random.key(seed)
-    if mesh is None:
+    if partitioner is None:
         out, count, steps, logits = fn(params, tokens, mask, done, key, stops, sampling)
     else:
-        specs = part.abstract_params(Decoder(config), jax.random.key(0), tokens[:1, :1])[1]
-        params = jax.device_put(params, part.tree_shardings(mesh, specs, params))
-        with jax.set_mesh(mesh):
-            inputs = part.shard_batch(mesh, (tokens, mask, done))
+        shapes, specs = models.abstract_params(config)
+        params = partitioner.place(params, partitioner.param_shardings(specs, shapes))
+        with partitioner.scope():
+            inputs = partitioner.shard_batch((tokens, mask, done))
             out, count, steps, logits = fn(params, *inputs, key, stops, sampling)
     return GenerateOutput(
         np.asarray(out)[:rows], np.asarray(count)[:rows], int(steps),

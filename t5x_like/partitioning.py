@@ -363,3 +363,83 @@ def sharded_init(module: Any, mesh: Mesh, rng: jax.Array, *args: Any, **kwargs: 
     with jax.set_mesh(mesh):
         params = jax.jit(init, out_shardings=shardings)(rng)
     return params, shardings
+
+
+# ------------------------------------------------------------------- the partitioner
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioner:
+    """The mesh and the logical-axis rules a program runs under, and the shardings they give.
+
+    One object for training and inference: the trainer, ``generate``, ``Embedder``,
+    the long-context scorer and the evaluation hooks place parameters (``fsdp`` /
+    ``tensor`` by the rules), batches (rows over the ``batch`` axes) and outputs with
+    it, and trace inside ``scope()`` so activation constraints and per-device kernels
+    see the mesh.
+    """
+
+    mesh: Mesh
+    rules: Rules = DEFAULT_RULES
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", validate_rules(self.rules))
+
+    @classmethod
+    def create(cls, shape: Mapping[str, Any] | MeshShape | None = None,
+               devices: Sequence[jax.Device] | None = None, rules: Rules | None = None
+               ) -> "Partitioner":
+        """Over ``make_mesh(shape, devices)``; ``rules`` default to the active table."""
+        return cls(make_mesh(shape, devices), current_rules() if rules is None else rules)
+
+    @classmethod
+    def local(cls) -> "Partitioner":
+        """This process's first device alone (an evaluation that needs no collectives)."""
+        return cls.create(MeshShape(data=1), devices=jax.local_devices()[:1])
+
+    @classmethod
+    def of(cls, mesh_or_partitioner: "Mesh | Partitioner | None") -> "Partitioner | None":
+        """A partitioner for an API that takes either (None stays None: unsharded)."""
+        if mesh_or_partitioner is None or isinstance(mesh_or_partitioner, Partitioner):
+            return mesh_or_partitioner
+        return cls(mesh_or_partitioner, current_rules())
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the rows of a batch are split."""
+        axes = _as_tuple(logical_to_mesh_axes(("batch",), self.rules)[0])
+        return math.prod(self.mesh.shape[a] for a in axes)
+
+    def padded_rows(self, rows: int) -> int:
+        """``rows`` rounded up to a multiple of ``batch_shards``."""
+        return -(-rows // self.batch_shards) * self.batch_shards
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    def param_shardings(self, logical_specs: Any, shapes: Any | None = None) -> Any:
+        """NamedShardings of a parameter tree from its logical specs (divisibility checked)."""
+        return tree_shardings(self.mesh, logical_specs, shapes, self.rules)
+
+    def place(self, tree: Any, shardings: Any) -> Any:
+        """Host (numpy) or device arrays onto ``shardings``; a mismatch is a clear error."""
+        def put(x, s):
+            return jax.device_put(x if isinstance(x, jax.Array) else np.asarray(x), s)
+
+        try:
+            return jax.tree.map(put, tree, shardings)
+        except ValueError as e:
+            raise ValueError(f"the given parameters do not match the model config: {e}") from None
+
+    def batch_sharding(self, ndim: int) -> NamedSharding:
+        return batch_sharding(self.mesh, ndim, self.rules)
+
+    def shard_batch(self, batch: Any) -> Any:
+        """A pytree of host arrays (the global batch) onto the mesh, rows split."""
+        return shard_batch(self.mesh, batch, self.rules)
+
+    @contextlib.contextmanager
+    def scope(self):
+        """Trace and run inside: the mesh is set and the rules are active."""
+        with jax.set_mesh(self.mesh), axis_rules(self.rules):
+            yield

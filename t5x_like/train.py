@@ -94,7 +94,7 @@ def train(cfg, workdir: str | Path) -> dict:
 
     hooks, results = [], {"steps": steps}
     if cfg.task == "dual_encoder" and cfg.eval.beir_path:
-        hook, baseline = beir_hook(cfg, task, model_config, tok_dir, workdir)
+        hook, baseline = beir_hook(cfg, task, model_config, tok_dir, workdir, trainer)
         hooks.append(hook)
         if baseline:
             results["bm25"] = {"ndcg@10": baseline["ndcg@10"], "recall@100": baseline["recall@100"]}

@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from t5x_like import models, partitioning
-from t5x_like.kernels import attention
+from t5x_like import models
 from t5x_like.models import lora as lora_lib
 from t5x_like.models.decoder import DecoderConfig
 from t5x_like.models.pooling import hidden_states, pool
@@ -62,29 +61,11 @@ class _ModelTask:
     def module(self):
         return models.build(self.model)
 
-    def _example_tokens(self):
-        return jnp.zeros((1, 8), jnp.int32)
-
-    def _init_kwargs(self) -> dict:
-        # A bare decoder (lm_head=False, as embedders ship) initialises through its hidden states.
-        is_decoder = isinstance(self.model, DecoderConfig)
-        return {"return_hidden": True} if is_decoder and not self.model.lm_head else {}
-
-    @property
-    def _init_module(self):
-        """The model as initialised: parameters do not depend on the attention backend,
-        and the one-row example is traced outside the mesh, where a per-device kernel
-        (Pallas) would meet the whole multi-chip program unsharded."""
-        if getattr(self.model, "attention", "xla") in attention.PER_DEVICE:
-            return models.build(dataclasses.replace(self.model, attention="xla"))
-        return self.module
-
     def abstract_model_params(self, rng):
-        return partitioning.abstract_params(self._init_module, rng, self._example_tokens(),
-                                            **self._init_kwargs())
+        return models.abstract_params(self.model, rng)
 
     def init_model_params(self, rng):
-        return self._init_module.init(rng, self._example_tokens(), **self._init_kwargs())["params"]
+        return models.init_params(self.model, rng)
 
     def _extra_params(self, model_params, rng) -> dict:
         extra = {}

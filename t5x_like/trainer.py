@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from t5x_like import partitioning as part
 from t5x_like.objectives.contrastive import split_chunks
@@ -133,11 +132,16 @@ class Trainer:
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not one of {ON_NONFINITE}")
         self.task = task
+        if isinstance(mesh, part.Partitioner):
+            rules = mesh.rules if rules is None else rules
+            mesh = mesh.mesh
+        # Parameters, batches and the step's scope all come from one partitioner.
+        self.partitioner = part.Partitioner(mesh, part.current_rules() if rules is None else rules)
         self.mesh = mesh
         self.total_steps = total_steps
         self.accumulation = accumulation
         self.seed = seed
-        self.rules = part.current_rules() if rules is None else part.validate_rules(rules)
+        self.rules = self.partitioner.rules
         self.on_nonfinite = on_nonfinite
         self.peak_flops = peak_flops if peak_flops is not None else peak_flops_per_device()
         rng = jax.random.key(seed)
@@ -145,11 +149,11 @@ class Trainer:
             abstract_model, model_specs = task.abstract_model_params(rng)
             abstract_params = jax.eval_shape(lambda m, r: task.init_params(m, r), abstract_model, rng)
             specs = task.param_specs(abstract_params, model_specs)
-            self.param_shardings = part.tree_shardings(mesh, specs, abstract_params)
+            self.param_shardings = self.partitioner.param_shardings(specs, abstract_params)
         self.model_shardings = self.param_shardings["model"]
         labels = task.trainable_labels(abstract_params)
         self.optimizer, self.schedule = make_optimizer(optimizer, total_steps, labels)
-        replicated = NamedSharding(mesh, PartitionSpec())
+        replicated = self.partitioner.replicated()
         abstract_opt = jax.eval_shape(self.optimizer.init, abstract_params)
         opt_shardings = _like_params(abstract_opt, abstract_params, self.param_shardings, replicated)
         self.state_shardings = TrainState(step=replicated, params=self.param_shardings,
@@ -177,7 +181,7 @@ class Trainer:
                 model_params = jax.jit(lambda r: flax.linen.unbox(self.task.init_model_params(r)),
                                        out_shardings=self.model_shardings)(init_rng)
             else:
-                model_params = _place(model_params, self.model_shardings)
+                model_params = self.partitioner.place(model_params, self.model_shardings)
 
             def build(model_params, extra_rng, step_rng):
                 params = self.task.init_params(model_params, extra_rng)
@@ -227,8 +231,8 @@ class Trainer:
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer update; host numpy batches are placed on the mesh first."""
         if any(isinstance(x, np.ndarray) for x in jax.tree.leaves(batch)):
-            batch = part.shard_batch(self.mesh, batch, self.rules)
-        with jax.set_mesh(self.mesh), part.axis_rules(self.rules):
+            batch = self.partitioner.shard_batch(batch)
+        with self.partitioner.scope():
             return self._step(state, batch)
 
     def flops_per_step(self, state: TrainState, batch: dict) -> float:
@@ -357,17 +361,6 @@ def _like_params(opt_state, params, param_shardings, default):
         return default
 
     return jax.tree_util.tree_map_with_path(pick, opt_state)
-
-
-def _place(tree, shardings):
-    """Host (numpy) or device arrays onto ``shardings``, with a clear error on mismatch."""
-    def put(x, s):
-        return jax.device_put(np.asarray(x) if not isinstance(x, jax.Array) else x, s)
-
-    try:
-        return jax.tree.map(put, tree, shardings)
-    except ValueError as e:
-        raise ValueError(f"the given model parameters do not match the model config: {e}") from None
 
 
 def _save_batch(batch: dict, step: int, workdir) -> Path | None:

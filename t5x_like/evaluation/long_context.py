@@ -374,12 +374,14 @@ class LMScorer:
     target has the largest logit, ties counting as correct).
     """
 
-    def __init__(self, config, params, *, chunk_size: int = 512):
+    def __init__(self, config, params, *, chunk_size: int = 512, mesh=None):
         import flax.linen as nn
         import jax
 
+        from t5x_like import models
         from t5x_like.models.decoder import Decoder, DecoderConfig
         from t5x_like.objectives import lm
+        from t5x_like.partitioning import Partitioner
 
         if not isinstance(config, DecoderConfig) or not config.lm_head:
             raise ValueError("long-context probes need a decoder with an LM head (a *ForCausalLM "
@@ -388,7 +390,13 @@ class LMScorer:
             params = params["params"]
         params = nn.unbox(params)  # fresh Decoder.init parameters carry logical-axis boxes
         self.config = config
-        self.params = jax.device_put(params)
+        # mesh (a Mesh or a Partitioner): parameters split by the rules, rows over the batch axes
+        self.partitioner = Partitioner.of(mesh)
+        if self.partitioner is None:
+            self.params = jax.device_put(params)
+        else:
+            shapes, specs = models.abstract_params(config)
+            self.params = self.partitioner.place(params, self.partitioner.param_shardings(specs, shapes))
         model = Decoder(config)
 
         def row_sums(params, tokens, segment_ids, positions, weights):
@@ -406,9 +414,16 @@ class LMScorer:
         self._row_sums = jax.jit(row_sums)
 
     def score(self, batch: Batch) -> dict[str, np.ndarray]:
-        out = self._row_sums(self.params, batch.tokens, batch.segment_ids, batch.positions,
-                             batch.weights)
-        return {k: np.asarray(v, np.float64) for k, v in out.items()}
+        arrays = (batch.tokens, batch.segment_ids, batch.positions, batch.weights)
+        if self.partitioner is None:
+            out = self._row_sums(self.params, *arrays)
+            return {k: np.asarray(v, np.float64) for k, v in out.items()}
+        rows = len(batch.tokens)
+        extra = self.partitioner.padded_rows(rows) - rows  # all-zero rows: no weight, no loss
+        arrays = tuple(np.concatenate([a, np.zeros((extra,) + a.shape[1:], a.dtype)]) for a in arrays)
+        with self.partitioner.scope():
+            out = self._row_sums(self.params, *self.partitioner.shard_batch(arrays))
+        return {k: np.asarray(v, np.float64)[:rows] for k, v in out.items()}
 
 
 def score_probes(scorer: LMScorer, probes: Sequence[Probe], *, batch_size: int = 1,
