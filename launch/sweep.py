@@ -47,10 +47,12 @@ import re
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from t5x_like.paths import write_text_atomic
+from t5x_like.run_dirs import final_results, is_completed, last_logged, read_json, read_results
 
 MANIFEST = "sweep.json"
 RUN_RECORD = "sweep_run.json"  # the local runner's exit status for a point
@@ -308,19 +310,10 @@ def command(sweep: Sweep, point: Point) -> list[str]:
 # ------------------------------------------------------------------- manifest
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """A reader never sees half a file: write beside it, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_manifest(sweep: Sweep) -> None:
     record = {"config": sweep.config, "fields": sweep.fields, "fixed": sweep.fixed,
               "extra": sweep.extra, "points": [dataclasses.asdict(p) for p in sweep.points]}
-    write_atomic(sweep.root / MANIFEST, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(sweep.root / MANIFEST, json.dumps(record, indent=2) + "\n")
 
 
 def read_manifest(root: Path) -> Sweep:
@@ -336,38 +329,6 @@ def read_manifest(root: Path) -> Sweep:
 # --------------------------------------------------------------------- status
 
 
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def read_results(workdir: Path) -> dict | None:
-    """``results.json``; for a staged recipe ``{"stages": ...}`` from ``stages.json``."""
-    results = read_json(workdir / "results.json")
-    if results is None and (stages := read_json(workdir / "stages.json")) is not None:
-        results = {"stages": stages}
-    return results
-
-
-def final_results(results: dict) -> tuple[dict, str]:
-    """The results of the run that ends the point (a staged recipe's last stage) and its subdirectory."""
-    if "stages" in results and results["stages"]:
-        name = list(results["stages"])[-1]
-        return results["stages"][name], name
-    return results, ""
-
-
-def is_completed(results: dict | None, stages: int) -> bool:
-    if not results:
-        return False
-    if "stages" in results:
-        runs = list(results["stages"].values())
-        return len(runs) == stages and all(r.get("completed") for r in runs)
-    return bool(results.get("completed"))
-
-
 def point_status(workdir: Path, stages: int) -> str:
     """completed | stopped (ran, then stopped early; running again resumes) | failed (the
     local runner saw a non-zero exit) | incomplete (started, no results yet) | missing."""
@@ -381,23 +342,6 @@ def point_status(workdir: Path, stages: int) -> str:
 
 
 # --------------------------------------------------------------------- gather
-
-
-def last_logged(metrics_file: Path) -> dict:
-    """The last metrics.jsonl record with a loss; a half-written last line is skipped."""
-    last = {}
-    try:
-        lines = metrics_file.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return last
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if "loss" in record:
-            last = record
-    return last
 
 
 def point_row(sweep: Sweep, point: Point) -> dict:
@@ -445,8 +389,8 @@ def csv_text(columns: list[str], rows: list[dict]) -> str:
 def write_tables(sweep: Sweep) -> list[dict]:
     columns, rows = gather(sweep)
     table = markdown(columns, rows)
-    write_atomic(sweep.root / "sweep.md", table)
-    write_atomic(sweep.root / "sweep.csv", csv_text(columns, rows))
+    write_text_atomic(sweep.root / "sweep.md", table)
+    write_text_atomic(sweep.root / "sweep.csv", csv_text(columns, rows))
     print(table, end="")
     print(f"(written to {sweep.root / 'sweep.md'} and {sweep.root / 'sweep.csv'})")
     return rows
@@ -482,7 +426,7 @@ def run_point(sweep: Sweep, point: Point, echo: bool) -> int:
         finally:  # Ctrl-C reaches the child too; wait for it to save and exit
             returncode = proc.wait()
     record = {"returncode": returncode, "seconds": round(time.time() - start, 1), "command": cmd}
-    write_atomic(workdir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(workdir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
     return returncode
 
 

@@ -45,6 +45,14 @@ def atomic_path(path: str | Path, suffix: str = ".tmp"):
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` at ``path`` (its directory made if need be), never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="")
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     """``obj`` as indented JSON at ``path``, which holds the old or the new file, never half."""
     with atomic_path(path, suffix=".json") as tmp:

@@ -15,14 +15,13 @@ resumes an interrupted one from its latest checkpoint.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 import jax
 import ml_collections
 
-from t5x_like import paths
+from t5x_like import paths, run_dirs
 from t5x_like.run_config import check_config
 
 
@@ -65,9 +64,7 @@ def stage_configs(cfg: ml_collections.ConfigDict, workdir: str | Path
 
 def finished(stage_dir: Path) -> bool:
     """Whether a stage ran all its steps and exported (a stopped one has results, no export)."""
-    results = stage_dir / "results.json"
-    return (results.is_file() and json.loads(results.read_text()).get("completed", False)
-            and (stage_dir / "export" / "config.json").is_file())
+    return run_dirs.finished(stage_dir, exported=True)
 
 
 def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path,
@@ -84,7 +81,7 @@ def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path,
         name = stage_dir.name
         if finished(stage_dir):
             print(f"stage {i} ({name}) finished earlier; skipping")
-            results[name] = json.loads((stage_dir / "results.json").read_text())
+            results[name] = run_dirs.read_results(stage_dir)
             continue
         print(f"\n=== stage {i + 1}/{len(stages)}: {c.data.length} tokens a row, RoPE base "
               f"{c.model.rope_theta:g}, {c.train.steps} steps of {c.train.batch_size} rows ===")
@@ -94,5 +91,5 @@ def run_stages(cfg: ml_collections.ConfigDict, workdir: str | Path,
                   "again to resume it and the stages after it")
             break
     if jax.process_index() == 0:
-        paths.write_json_atomic(Path(workdir) / "stages.json", results)
+        paths.write_json_atomic(Path(workdir) / run_dirs.STAGES, results)
     return results
