@@ -173,14 +173,10 @@ class LanguageModelTask(_ModelTask):
     def eval_sums(self, params, batch: dict) -> dict:
         """Loss sums of a packed batch: ``loss`` (with z-loss), ``cross_entropy``,
         ``z_loss``, ``accuracy``, ``weight`` (predicted tokens), ``tokens``."""
-        model_params = self.model_params(params)
-        hidden = self.module.apply({"params": model_params}, batch["tokens"],
-                                   batch["segment_ids"], batch["positions"], return_hidden=True)
         targets, weights = lm.next_token_targets(batch["tokens"], batch["segment_ids"],
                                                  batch["loss_weights"])
-        out = lm.chunked_cross_entropy(hidden, lm.lm_head_weights(model_params, self.model),
-                                       targets, weights, chunk_size=self.loss_chunk_size,
-                                       z_loss=self.z_loss)
+        out = lm.decoder_sums(self.module, self.model_params(params), self.model, batch, targets,
+                              weights, chunk_size=self.loss_chunk_size, z_loss=self.z_loss)
         return {"loss": out["loss_sum"], "z_loss": out["z_loss_sum"],
                 "cross_entropy": out["loss_sum"] - out["z_loss_sum"],
                 "accuracy": out["correct_sum"], "weight": out["weight_sum"],

@@ -340,7 +340,7 @@ def test_cli_perplexity_end_to_end(checkpoint, tokenizer_path, book_path, tmp_pa
 ])
 def test_cli_bad_flags_fail_naming_the_flag_before_the_model_loads(
         checkpoint, tokenizer_path, book_path, tmp_path, monkeypatch, capsys, command, flags, message):
-    monkeypatch.setattr(lc, "_load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(lc.cli, "_load_model", lambda *a: pytest.fail("the model was loaded"))
     base = {"--model": str(checkpoint), "--tokenizer": str(tokenizer_path), "--lengths": "64"}
     if command != "passkey":
         base["--books"] = str(book_path)

@@ -101,6 +101,7 @@ def chunked_cross_entropy(
     z_loss: float = 0.0,
     dtype: Any = None,
     logits_dtype: Any = None,
+    per_row: bool = False,
 ) -> dict[str, jax.Array]:
     """Weighted sums of cross-entropy (+ z-loss), weights and correct predictions.
 
@@ -113,6 +114,8 @@ def chunked_cross_entropy(
 
     ``loss_sum`` = sum w * (ce + z_loss * logsumexp**2), ``z_loss_sum`` the z part
     of it, ``correct_sum`` counts (weighted) targets that have the largest logit.
+    ``per_row``: one sum a row (``[batch]``, for ``[batch, length, embed]`` hidden states)
+    instead of one for the batch.
     """
     kernel, dtype, logits_dtype = _resolve_head(head_kernel, dtype, logits_dtype, hidden.dtype)
     if chunk_size < 1:
@@ -121,6 +124,8 @@ def chunked_cross_entropy(
     # whose tokens are sharded as the batch was.
     chunk_axes = ("batch", "length")
     if hidden.ndim == 2:
+        if per_row:
+            raise ValueError("chunked_cross_entropy: per_row needs [batch, length, embed] hidden states")
         hidden, targets, weights = hidden[None], targets[None], weights[None]
         chunk_axes = (None, "batch")
     if hidden.ndim != 3 or kernel.ndim != 2 or hidden.shape[-1] != kernel.shape[0]:
@@ -164,20 +169,33 @@ def chunked_cross_entropy(
         target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
         correct = target_logit >= jnp.max(logits, axis=-1)
         z = z_loss * jnp.square(lse)
+        total = (lambda x: jnp.sum(x, axis=-1)) if per_row else jnp.sum
         return {
-            "loss_sum": jnp.sum(w * (lse - target_logit + z)),
-            "z_loss_sum": jnp.sum(w * z),
-            "weight_sum": jnp.sum(w),
-            "correct_sum": jnp.sum(w * correct),
+            "loss_sum": total(w * (lse - target_logit + z)),
+            "z_loss_sum": total(w * z),
+            "weight_sum": total(w),
+            "correct_sum": total(w * correct),
         }
 
     def step(totals, chunk):
         sums = chunk_sums(*chunk)
         return {k: totals[k] + sums[k] for k in SUM_KEYS}, None
 
-    zeros = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+    zeros = {k: jnp.zeros((batch,) if per_row else (), jnp.float32) for k in SUM_KEYS}
     totals, _ = jax.lax.scan(step, zeros, (strided(hidden), strided(targets), strided(weights)))
     return totals
+
+
+def decoder_sums(module, params, config, batch: dict, targets: jax.Array, weights: jax.Array, *,
+                 chunk_size: int = 1024, z_loss: float = 0.0, per_row: bool = False
+                 ) -> dict[str, jax.Array]:
+    """``chunked_cross_entropy`` sums of a decoder ``module`` on ``batch`` (``tokens``,
+    ``segment_ids``, ``positions``): the one LM row-sum that training's evaluation
+    (``LanguageModelTask.eval_sums``) and the long-context probes' scorer share."""
+    hidden = module.apply({"params": params}, batch["tokens"], segment_ids=batch["segment_ids"],
+                          positions=batch["positions"], return_hidden=True)
+    return chunked_cross_entropy(hidden, lm_head_weights(params, config), targets, weights,
+                                 chunk_size=chunk_size, z_loss=z_loss, per_row=per_row)
 
 
 def lm_loss(

@@ -1,0 +1,10 @@
+"""``python -m t5x_like.evaluation.long_context``: see ``cli``."""
+
+import logging
+import sys
+
+from t5x_like.evaluation.long_context.cli import main
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main(sys.argv[1:])
