@@ -124,7 +124,8 @@ class Ours:
         from t5x_like import partitioning as part
         from t5x_like.objectives.contrastive import ContrastiveConfig
         from t5x_like.train_tasks import DualEncoderTask
-        from t5x_like.trainer import OptimizerConfig, Trainer
+        from t5x_like.optimizers import OptimizerConfig
+        from t5x_like.trainer import Trainer
 
         self.task = DualEncoderTask(model_config, ContrastiveConfig(temperature=args.temperature),
                                     pooling="mean", grad_cache_chunks=chunks, dropout=True)
@@ -261,7 +262,8 @@ def model_and_dir(name: str, workdir: pathlib.Path):
     from t5x_like import partitioning as part
     from t5x_like.objectives.contrastive import ContrastiveConfig
     from t5x_like.train_tasks import DualEncoderTask
-    from t5x_like.trainer import OptimizerConfig, Trainer
+    from t5x_like.optimizers import OptimizerConfig
+    from t5x_like.trainer import Trainer
 
     config = tiny_config()
     mesh = part.make_mesh(part.MeshShape(data=1), devices=jax.devices()[:1])

@@ -174,7 +174,8 @@ def decoder_step(model: DecoderConfig, rows: int, length: int, steps: int, loss_
     """Compiles and times the trainer's LM step; raises on failure (out of memory included).
     ``run=False`` only compiles it and checks XLA's memory analysis against the device."""
     from t5x_like.train_tasks import LanguageModelTask
-    from t5x_like.trainer import OptimizerConfig, Trainer
+    from t5x_like.optimizers import OptimizerConfig
+    from t5x_like.trainer import Trainer
 
     model = dataclasses.replace(model, max_position_embeddings=max(length, model.max_position_embeddings))
     task = LanguageModelTask(model, loss_chunk_size=min(loss_chunk, length))
@@ -216,7 +217,7 @@ def mfu_part(args, peak: float) -> list[dict]:
     base = SMOKE_DECODER if args.smoke else one_billion()
     spec_peak = None
     try:
-        from t5x_like.trainer import peak_flops_per_device
+        from t5x_like.peak_flops import peak_flops_per_device
 
         spec_peak = peak_flops_per_device()
     except ImportError:

@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
         # tokenizes everything); auto: batch for beir / pairs (in memory), source for LM.
         process_sharding="auto",
     )
-    # t5x_like.trainer.OptimizerConfig
+    # t5x_like.optimizers.OptimizerConfig
     c.optimizer = _section(learning_rate=1e-4, warmup_steps=0, decay="linear", end_factor=0.0,
                            b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=1.0)
     c.train = _section(

@@ -234,7 +234,8 @@ def train_step_program(
     for ``target`` without allocating anything: ``batch`` maps each input to its
     global ``(shape, dtype)``, laid out as the trainer's input batches (``batch``
     over data / fsdp). Returns the compiled step and the compile's seconds."""
-    from t5x_like.trainer import OptimizerConfig, Trainer  # noqa: PLC0415  (the run layer)
+    from t5x_like.optimizers import OptimizerConfig  # noqa: PLC0415  (the run layer)
+    from t5x_like.trainer import Trainer  # noqa: PLC0415
 
     mesh = target.mesh(mesh_shape)
     trainer = Trainer(task, OptimizerConfig(), mesh, total_steps=10)

@@ -16,7 +16,7 @@ import jax
 from t5x_like.export import to_host
 from t5x_like.model_sources import resolve_path
 from t5x_like.partitioning import Partitioner
-from t5x_like.trainer import EvalHook
+from t5x_like.callbacks import EvalHook
 
 
 

@@ -118,7 +118,8 @@ def check_config(cfg) -> None:
 
 def make_trainer(cfg, task, mesh, steps: int):
     """The trainer a run with this config builds (``train.train`` and the compile check)."""
-    from t5x_like.trainer import OptimizerConfig, Trainer
+    from t5x_like.optimizers import OptimizerConfig
+    from t5x_like.trainer import Trainer
 
     return Trainer(task, from_section(OptimizerConfig, cfg.optimizer, "optimizer"), mesh,
                    total_steps=steps, accumulation=cfg.train.accumulation, seed=cfg.seed,

@@ -1,23 +1,20 @@
 """The training engine: train state, one jitted step, and the loop around it.
 
-``Trainer(task, optimizer, mesh, ...)`` builds the optimizer (AdamW, warmup
-then linear / cosine decay, global-norm clipping, frozen parameters masked
-out), the state's shardings from the logical-axis rules, and one jitted step
-(``in_shardings`` / ``out_shardings`` set, state donated) that accumulates
-gradients over micro-batches. ``fit`` runs the loop: metrics (loss, accuracy,
-learning rate, gradient norm, tokens/s, MFU) to a JSONL file, TensorBoard and
-a progress bar; eval hooks; checkpoints (periodic, final, on SIGTERM); and
-non-finite steps, which are skipped in the step itself and reported with the
-step and the batch.
+``Trainer(task, optimizer, mesh, ...)`` builds the optimizer (``optimizers``), the
+state's shardings from the partitioner's rules, and one jitted step (``in_shardings``
+/ ``out_shardings`` set, state donated) that accumulates gradients over micro-batches;
+a non-finite step leaves the state as it was. ``fit`` runs the loop, whose policies
+are callbacks (``callbacks``): the non-finite check, the metrics window (loss,
+accuracy, learning rate, gradient norm, tokens/s, MFU) to a JSONL file, TensorBoard
+and a progress bar; eval hooks; preemption; and checkpoints (periodic, final, on SIGTERM).
+The task is anything that keeps the ``TrainingTask`` contract (``train_tasks``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 import flax
 import jax
@@ -25,20 +22,40 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from t5x_like import callbacks as cb
 from t5x_like import partitioning as part
 from t5x_like.objectives.contrastive import split_chunks
-from t5x_like.train_tasks import FROZEN, TRAIN, batch_shapes
+from t5x_like.optimizers import OptimizerConfig, make_optimizer
+from t5x_like.peak_flops import peak_flops_per_device
+from t5x_like.train_tasks import batch_shapes
 
 log = logging.getLogger(__name__)
-DECAYS = ("linear", "cosine", "constant")
-ON_NONFINITE = ("error", "skip")
 
-# Dense bf16 peak FLOP/s per device, for MFU; override with peak_flops_per_device.
-PEAK_FLOPS = {
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-}
+
+class TrainingTask(Protocol):
+    """What the trainer needs of a task (``train_tasks.DualEncoderTask`` and
+    ``LanguageModelTask`` keep it)."""
+
+    def abstract_model_params(self, rng) -> tuple[Any, Any]:
+        """``(shapes, logical specs)`` of the model's parameters, nothing allocated."""
+
+    def init_model_params(self, rng) -> Any:
+        """Fresh model parameters."""
+
+    def init_params(self, model_params, rng) -> dict:
+        """The trained tree around the model's parameters (LoRA, a temperature, ...)."""
+
+    def param_specs(self, abstract_params, model_specs) -> dict:
+        """Logical specs of the trained tree."""
+
+    def trainable_labels(self, params) -> dict:
+        """``train`` / ``frozen`` per leaf (what the optimizer updates)."""
+
+    def sums_and_grads(self, params, batch: dict, rng) -> tuple[dict, Any]:
+        """Metric sums (``loss``, ``weight``, ``tokens``, ...) and the gradient of ``loss``."""
+
+    def flops(self, params, batch_shapes: dict) -> float:
+        """Model FLOPs of one step on batches of these shapes (for MFU)."""
 
 
 @flax.struct.dataclass
@@ -49,88 +66,17 @@ class TrainState:
     rng: jax.Array  # uint32 key data (raw, so orbax stores it as an array)
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    decay: str = "linear"  # linear | cosine | constant, after warmup, to end_factor * lr
-    end_factor: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.01  # on matrices only (not norms, biases, the temperature)
-    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
-
-    def __post_init__(self):
-        if self.decay not in DECAYS:
-            raise ValueError(f"optimizer.decay={self.decay!r} is not one of {DECAYS}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"optimizer.learning_rate={self.learning_rate} must be > 0")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps={self.warmup_steps} must be >= 0")
-
-
-def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_factor
-    decay_steps = max(total_steps - cfg.warmup_steps, 1)
-    if cfg.decay == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_factor)
-    elif cfg.decay == "linear":
-        after = optax.linear_schedule(peak, end, decay_steps)
-    else:
-        after = optax.constant_schedule(peak)
-    if not cfg.warmup_steps:
-        return after
-    warmup = optax.linear_schedule(0.0, peak, cfg.warmup_steps)
-    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
-
-
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, labels) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW on the leaves labelled ``train``; ``frozen`` leaves get zero updates and no state."""
-    schedule = make_schedule(cfg, total_steps)
-
-    def decayed(params):  # matrices, not norms / biases / the temperature
-        return jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
-
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay, mask=decayed)
-    train = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm else adamw
-    return optax.multi_transform({TRAIN: train, FROZEN: optax.set_to_zero()}, labels), schedule
-
-
-def peak_flops_per_device(device=None) -> float | None:
-    kind = (device or jax.devices()[0]).device_kind
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
 # ------------------------------------------------------------------------ trainer
 
 
-@dataclasses.dataclass
-class EvalHook:
-    """``fn(state) -> {metric: value}`` run every ``every`` steps and after the last."""
-
-    name: str
-    every: int
-    fn: Callable[[TrainState], dict[str, float]]
-    last: dict[str, float] = dataclasses.field(default_factory=dict)  # the latest results
-
-    def __call__(self, state: TrainState) -> dict[str, float]:
-        self.last = {k: float(v) for k, v in self.fn(state).items()}
-        return self.last
-
-
 class Trainer:
-    def __init__(self, task, optimizer: OptimizerConfig, mesh, *, total_steps: int,
+    def __init__(self, task: TrainingTask, optimizer: OptimizerConfig, mesh, *, total_steps: int,
                  accumulation: int = 1, seed: int = 0, rules=None, on_nonfinite: str = "error",
                  peak_flops: float | None = None):
         if accumulation < 1:
             raise ValueError(f"train.accumulation={accumulation} must be >= 1")
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not one of {ON_NONFINITE}")
+        if on_nonfinite not in cb.ON_NONFINITE:
+            raise ValueError(f"train.on_nonfinite={on_nonfinite!r} is not one of {cb.ON_NONFINITE}")
         self.task = task
         if isinstance(mesh, part.Partitioner):
             rules = mesh.rules if rules is None else rules
@@ -244,99 +190,46 @@ class Trainer:
 
     def fit(self, state: TrainState, data: Iterable[dict], *, num_steps: int | None = None,
             checkpointer=None, preemption=None, config: dict | None = None, writer=None,
-            hooks: tuple[EvalHook, ...] = (), log_every: int = 10, workdir: str | Path | None = None,
-            show_progress: bool = True) -> TrainState:
-        """Trains until ``num_steps`` (default ``total_steps``) updates have been applied."""
+            hooks: tuple[cb.EvalHook, ...] = (), log_every: int = 10, workdir: str | Path | None = None,
+            show_progress: bool = True, callbacks: tuple[cb.Callback, ...] = ()) -> TrainState:
+        """Trains until ``num_steps`` (default ``total_steps``) updates have been applied.
+
+        The loop's policies are callbacks built from these arguments (the non-finite
+        check, metrics window, evaluations, progress bar, preemption, checkpointing),
+        then ``callbacks``, run after them in order.
+        """
         from tqdm.auto import tqdm
 
         num_steps = self.total_steps if num_steps is None else num_steps
         start = int(jax.device_get(state.step))
-        data_iter: Iterator[dict] = iter(data)
         bar = tqdm(total=num_steps, initial=start, desc="train", unit="step",
                    disable=not show_progress or jax.process_index() != 0)
-        window = _Window()
-        previous = None  # (step, metrics, batch): checked one step late to keep the device busy
-        step = start
+        policies = [cb.NonFiniteCheck(self.on_nonfinite, log_every, workdir),
+                    cb.MetricsWindow(log_every, writer, bar), cb.Evaluations(hooks, writer),
+                    cb.ProgressBar(bar)]
+        if preemption is not None:
+            policies.append(cb.Preemption(preemption))
+        if checkpointer is not None:
+            policies.append(cb.Checkpointing(checkpointer, config))
+        policies.extend(callbacks)
+        loop = cb.Loop(self, data, num_steps, step=start, state=state)
+        data_iter: Iterator[dict] = iter(data)
         try:
-            while step < num_steps:
-                batch = next(data_iter)
-                state, metrics = self.step(state, batch)
-                step += 1
-                if previous is not None:
-                    self._check_finite(*previous, data, workdir)
-                previous = (step, metrics, batch)
-                window.add(metrics)
-                if step % log_every == 0 or step == num_steps:
-                    self._check_finite(*previous, data, workdir)
-                    previous = None
-                    logged = window.summary(self.flops_per_step(state, batch), self.peak_flops,
-                                            jax.device_count())
-                    bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['learning_rate']:.2e}")
-                    if writer is not None:
-                        writer.write(step, logged)
-                for hook in hooks:
-                    if step % hook.every == 0 or step == num_steps:
-                        results = {f"{hook.name}/{k}": v for k, v in hook(state).items()}
-                        log.info("step %d %s", step, results)
-                        if writer is not None:
-                            writer.write(step, results)
-                bar.update(1)
-                stop = preemption is not None and preemption.should_stop(step)
-                if checkpointer is not None:
-                    checkpointer.save(step, state, data=data, config=config,
-                                      force=stop or step == num_steps)
-                if stop:
-                    log.warning("preempted: saved step %d and stopped", step)
+            while loop.step < num_steps:
+                loop.batch = next(data_iter)
+                loop.state, loop.metrics = self.step(loop.state, loop.batch)
+                loop.step += 1
+                for policy in policies:
+                    policy.on_step(loop)
+                if loop.stop:
+                    log.warning("preempted: saved step %d and stopped", loop.step)
                     break
-            if previous is not None:
-                self._check_finite(*previous, data, workdir)
+            for policy in policies:
+                policy.on_end(loop)
         finally:
-            bar.close()
-            if checkpointer is not None:
-                checkpointer.wait()
-        return state
-
-    def _check_finite(self, step: int, metrics: dict, batch: dict, data, workdir) -> None:
-        if bool(jax.device_get(metrics["finite"])):
-            return
-        values = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm")}
-        where = _save_batch(batch, step, workdir)
-        position = getattr(data, "batches_read", None)
-        message = (f"step {step}: non-finite loss {values['loss']} / gradient norm "
-                   f"{values['grad_norm']}; the update was skipped. Batch: "
-                   f"{ {k: tuple(v.shape) for k, v in batch.items()} }"
-                   + (f", saved to {where}" if where else "")
-                   + (f"; data iterator had read {position} batches after it" if position else ""))
-        if self.on_nonfinite == "error":
-            raise FloatingPointError(message + ". Set train.on_nonfinite=skip to continue past such steps.")
-        log.warning(message)
-
-
-class _Window:
-    """Metrics of the steps since the last log line (fetched only when logging)."""
-
-    def __init__(self):
-        self.pending: list[dict] = []
-        self.since = time.perf_counter()
-
-    def add(self, metrics: dict) -> None:
-        self.pending.append(metrics)
-
-    def summary(self, flops_per_step: float, peak: float | None, devices: int) -> dict[str, float]:
-        fetched = jax.device_get(self.pending)
-        elapsed = time.perf_counter() - self.since
-        steps = len(fetched)
-        out = {k: float(np.mean([m[k] for m in fetched]))
-               for k in fetched[-1] if k not in ("tokens", "finite", "learning_rate")}
-        out["learning_rate"] = float(fetched[-1]["learning_rate"])
-        out["skipped_steps"] = float(sum(not m["finite"] for m in fetched))
-        out["tokens_per_second"] = float(sum(m["tokens"] for m in fetched)) / elapsed
-        out["steps_per_second"] = steps / elapsed
-        if peak:
-            out["mfu"] = flops_per_step * steps / elapsed / (peak * devices)
-        self.pending = []
-        self.since = time.perf_counter()
-        return out
+            for policy in policies:
+                policy.close()
+        return loop.state
 
 
 def _dict_keys(path) -> tuple[str, ...]:
@@ -363,15 +256,3 @@ def _like_params(opt_state, params, param_shardings, default):
     return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
-def _save_batch(batch: dict, step: int, workdir) -> Path | None:
-    if workdir is None:
-        return None
-    path = Path(workdir) / f"nonfinite_batch_step{step}.process{jax.process_index()}.npz"
-    def host_rows(x):  # this process's rows, each batch shard once
-        if not isinstance(x, jax.Array) or x.is_fully_addressable:
-            return np.asarray(x)
-        shards = {s.index[0].start: np.asarray(s.data) for s in x.addressable_shards}
-        return np.concatenate([shards[k] for k in sorted(shards, key=lambda i: i or 0)])
-
-    np.savez(path, **{k: host_rows(v) for k, v in batch.items()})
-    return path

@@ -397,7 +397,8 @@ def test_trainer_initialises_a_pallas_model_outside_the_mesh(devices):
     depend on the backend, and a per-device kernel there would meet the whole program."""
     from t5x_like.models.decoder import DecoderConfig
     from t5x_like.train_tasks import LanguageModelTask
-    from t5x_like.trainer import OptimizerConfig, Trainer
+    from t5x_like.optimizers import OptimizerConfig
+    from t5x_like.trainer import Trainer
 
     config = dict(DECODER, num_layers=1, scan_layers=False, remat_policy="none", dtype="float32")
     task = LanguageModelTask(DecoderConfig(**config))

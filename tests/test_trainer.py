@@ -14,7 +14,9 @@ from t5x_like.models.encoder import EncoderConfig
 from t5x_like.models.lora import LoraConfig
 from t5x_like.objectives.contrastive import ContrastiveConfig
 from t5x_like.train_tasks import DualEncoderTask, LanguageModelTask
-from t5x_like.trainer import EvalHook, OptimizerConfig, Trainer
+from t5x_like.callbacks import EvalHook
+from t5x_like.optimizers import OptimizerConfig
+from t5x_like.trainer import Trainer
 
 DECODER = DecoderConfig(vocab_size=128, embed_dim=32, num_layers=1, num_heads=8, num_kv_heads=4,
                         head_dim=4, mlp_dim=64, max_position_embeddings=64)
