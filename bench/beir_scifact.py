@@ -49,8 +49,8 @@ def main():
 
     import sentence_transformers
 
-    from t5x_like.model_sources import resolve_model_dir
     from t5x_like.embedder import Embedder
+    from t5x_like.model_sources import resolve_model_dir
 
     data = read_beir(paths.shared_data("beir/scifact"), "test")
     query_ids = list(data.qrels)

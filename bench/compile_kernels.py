@@ -166,9 +166,9 @@ def blocks(target, head_dims, length=8192) -> str:
 
 
 def one_billion_steps() -> str:
-    from t5x_like.train_tasks import LanguageModelTask
-
     from long_context_memory import PRESETS  # bench/long_context_memory.py: the 1B shape
+
+    from t5x_like.train_tasks import LanguageModelTask
 
     model = dataclasses.replace(PRESETS["1b"], attention="pallas", dtype="bfloat16",
                                 remat_policy="full", scan_layers=True,
@@ -224,8 +224,9 @@ def main() -> None:
 
 
 def _record(body: str) -> None:
-    import jaxlib
     from importlib.metadata import version
+
+    import jaxlib
 
     from t5x_like import host_platform
 

@@ -43,8 +43,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from embed_throughput import (  # noqa: E402
-    ROOT, cpu_cores, device_line, minilm_dir, record, set_torch_threads, timed)
+from embed_throughput import ROOT, cpu_cores, device_line, minilm_dir, record, set_torch_threads, timed  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
@@ -123,8 +122,8 @@ class Ours:
 
         from t5x_like import partitioning as part
         from t5x_like.objectives.contrastive import ContrastiveConfig
-        from t5x_like.train_tasks import DualEncoderTask
         from t5x_like.optimizers import OptimizerConfig
+        from t5x_like.train_tasks import DualEncoderTask
         from t5x_like.trainer import Trainer
 
         self.task = DualEncoderTask(model_config, ContrastiveConfig(temperature=args.temperature),
@@ -236,7 +235,8 @@ class Theirs:
         import torch
 
         self.model.eval()
-        loss = self.losses.MultipleNegativesRankingLoss(self.model, scale=self.loss.scale)(self.batches[0], None)
+        loss_fn = self.losses.MultipleNegativesRankingLoss(self.model, scale=self.loss.scale)
+        loss = loss_fn(self.batches[0], None)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,8 +261,8 @@ def model_and_dir(name: str, workdir: pathlib.Path):
         raise ValueError(f"--models: {name!r} is not one of tiny, minilm")
     from t5x_like import partitioning as part
     from t5x_like.objectives.contrastive import ContrastiveConfig
-    from t5x_like.train_tasks import DualEncoderTask
     from t5x_like.optimizers import OptimizerConfig
+    from t5x_like.train_tasks import DualEncoderTask
     from t5x_like.trainer import Trainer
 
     config = tiny_config()
@@ -330,7 +330,8 @@ def profile_model(ours: "Ours", theirs: "Theirs", config, args, n: int) -> str:
     theirs_ms["optimizer"] = median_ms(optimizer, n)  # clip + AdamW on the gradients just made
     theirs.optimizer.zero_grad(set_to_none=True)
     # ours: the step minus its gradients (AdamW, clipping, the non-finite guard); noise can make it ~0
-    ours_ms["optimizer"] = max(ours_ms["step (trainer)"] - ours_ms["forward + backward (sums_and_grads)"], 0.0)
+    ours_ms["optimizer"] = max(
+        ours_ms["step (trainer)"] - ours_ms["forward + backward (sums_and_grads)"], 0.0)
 
     # One attention layer at the passage shape, forward + backward: ours (the model's backend)
     # against torch's scaled_dot_product_attention (what BertModel calls).
@@ -458,9 +459,10 @@ def main(argv=None):
     if args.chunks < 2 or args.batch_size % args.chunks:
         raise SystemExit(f"--chunks {args.chunks} must be >= 2 and divide --batch-size {args.batch_size}")
 
-    import t5x_like  # noqa: F401  (first: its CPU malloc settings precede jax's client)
     import jax
     import transformers
+
+    import t5x_like  # noqa: F401  (first: its CPU malloc settings precede jax's client)
 
     transformers.logging.set_verbosity_error()  # the tiny directory has no BERT pooler: say nothing
     threads = cpu_cores() if jax.default_backend() == "cpu" else os.cpu_count()

@@ -173,8 +173,8 @@ def decoder_step(model: DecoderConfig, rows: int, length: int, steps: int, loss_
                  run: bool = True) -> dict:
     """Compiles and times the trainer's LM step; raises on failure (out of memory included).
     ``run=False`` only compiles it and checks XLA's memory analysis against the device."""
-    from t5x_like.train_tasks import LanguageModelTask
     from t5x_like.optimizers import OptimizerConfig
+    from t5x_like.train_tasks import LanguageModelTask
     from t5x_like.trainer import Trainer
 
     model = dataclasses.replace(model, max_position_embeddings=max(length, model.max_position_embeddings))
@@ -315,7 +315,6 @@ def contrastive_part(args) -> list[dict]:
         import importlib
 
         import torch
-
         from contrastive_step import Theirs
 
         importlib.import_module("sentence_transformers")

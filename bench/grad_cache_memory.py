@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from t5x_like import partitioning as part
 from t5x_like.models.encoder import EncoderConfig
 from t5x_like.objectives.contrastive import ContrastiveConfig
-from t5x_like.train_tasks import DualEncoderTask
 from t5x_like.optimizers import OptimizerConfig
+from t5x_like.train_tasks import DualEncoderTask
 from t5x_like.trainer import Trainer
 
 

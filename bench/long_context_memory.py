@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 from t5x_like import partitioning as part
 from t5x_like.models.decoder import DecoderConfig
-from t5x_like.train_tasks import LanguageModelTask
 from t5x_like.optimizers import OptimizerConfig
+from t5x_like.train_tasks import LanguageModelTask
 from t5x_like.trainer import Trainer
 
 PRESETS = {

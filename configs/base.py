@@ -48,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
         matryoshka_dims=(), matryoshka_weights=(),
     )
     c.lm = _section(z_loss=0.0, loss_chunk_size=1024)
-    c.lora = _section(enabled=False, rank=16, alpha=32.0, targets=DEFAULT_TARGETS)
+    c.lora = _section(enabled=False, rank=16, alpha=32.0, targets=DEFAULT_TARGETS, dropout=0.0)
     c.data = _section(
         format="beir",  # beir (path = a BEIR directory, split) | pairs (JSONL) | text (LM)
         # | instructions (LM: JSONL of {"input", "target"}, loss on targets; t5x_like.synthesis)

@@ -21,8 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_command, however we start
-from train_command import (REPO_ROOT, LaunchError, check_config, check_env,  # noqa: E402
-                           check_overrides, train_argv)
+from train_command import REPO_ROOT, LaunchError, check_config, check_env, check_overrides, train_argv  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm_template.sbatch"
 EXAMPLES = """\

@@ -20,8 +20,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_command, however we start
-from train_command import (REPO_ROOT, LaunchError, check_config, check_env,  # noqa: E402
-                           check_overrides, check_remote_workdir, read_pinned, train_argv)
+from train_command import (  # noqa: E402
+    REPO_ROOT,
+    LaunchError,
+    check_config,
+    check_env,
+    check_overrides,
+    check_remote_workdir,
+    read_pinned,
+    train_argv,
+)
 
 EXAMPLES = """\
 examples:

@@ -33,7 +33,8 @@ def instruction_query(task: str, query: str) -> str:
 def format_texts(texts: Sequence[str], prefix: str | None = None,
                  instruction: str | None = None) -> list[str]:
     if prefix is not None and instruction is not None:
-        raise ValueError("give either prefix (E5: 'query: ' / 'passage: ') or instruction (E5-mistral), not both")
+        raise ValueError("give either prefix (E5: 'query: ' / 'passage: ') or instruction "
+                         "(E5-mistral), not both")
     if instruction is not None:
         return [instruction_query(instruction, t) for t in texts]
     return [(prefix or "") + t for t in texts]
@@ -111,7 +112,8 @@ class Embedder:
         ``causal=False`` makes a decoder bidirectional; ``mesh=`` (a Mesh or a
         ``Partitioner``) embeds sharded.
         """
-        from t5x_like.convert import hf, sentence_transformers, tokenizer as tok
+        from t5x_like.convert import hf, sentence_transformers
+        from t5x_like.convert import tokenizer as tok
 
         path = Path(path)
         config, params = hf.load_hf(path)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import jax
 
+from t5x_like.callbacks import EvalHook
 from t5x_like.export import to_host
 from t5x_like.model_sources import resolve_path
 from t5x_like.partitioning import Partitioner
-from t5x_like.callbacks import EvalHook
-
 
 
 def beir_hook(cfg, task, model_config, tok_dir, workdir, trainer) -> tuple[EvalHook, dict]:
@@ -27,11 +26,11 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir, trainer) -> tuple[EvalH
     them), in the run's compute dtype and attention backend; ``eval.dtype`` overrides
     the dtype (``float32`` for the most exact figures where the backend allows it).
     """
-    from t5x_like.convert.tokenizer import load_tokenizer
     from t5x_like.convert.hf import read_hf_config
+    from t5x_like.convert.tokenizer import load_tokenizer
     from t5x_like.data.sources import read_beir
-    from t5x_like.evaluation import beir, retrieval
     from t5x_like.embedder import Embedder, default_max_length
+    from t5x_like.evaluation import beir, retrieval
 
     e = cfg.eval
     data = read_beir(resolve_path(e.beir_path, "eval.beir_path"), e.split)

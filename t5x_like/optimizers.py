@@ -49,7 +49,8 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, labels) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, labels
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW on the leaves labelled ``train``; ``frozen`` leaves get zero updates and no state."""
     schedule = make_schedule(cfg, total_steps)
 

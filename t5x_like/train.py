@@ -26,8 +26,14 @@ from t5x_like.eval_hooks import beir_hook, perplexity_hook
 from t5x_like.export import export_model
 from t5x_like.metrics import MetricsWriter, plot_curves
 from t5x_like.model_sources import resolve_path
-from t5x_like.run_config import (build_task, check_config, default_pooling, load_model,
-                                 make_trainer, tokenizer_path)
+from t5x_like.run_config import (
+    build_task,
+    check_config,
+    default_pooling,
+    load_model,
+    make_trainer,
+    tokenizer_path,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ micro-batches and devices add up before one division by ``weight``.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -7,9 +7,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Our package first: it configures the platform and malloc before jax.
+# isort: off
 import t5x_like  # noqa: E402,F401  (T5X_LIKE_MALLOC=on must act before the XLA CPU client)
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 import pytest  # noqa: E402
+# isort: on
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -2,11 +2,10 @@
 
 import dataclasses
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from t5x_like.kernels import chunked
 from t5x_like.kernels.attention import (

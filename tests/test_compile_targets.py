@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from t5x_like import compile_report, host_platform, partitioning as part, targets
+from t5x_like import compile_report, host_platform, targets
+from t5x_like import partitioning as part
 from t5x_like.compile_report import AttentionCase
 from t5x_like.kernels.attention import ShardAxes, dot_product_attention
 
@@ -396,8 +398,8 @@ def test_trainer_initialises_a_pallas_model_outside_the_mesh(devices):
     """The init example (one row, no mesh) runs the plain attention: parameters do not
     depend on the backend, and a per-device kernel there would meet the whole program."""
     from t5x_like.models.decoder import DecoderConfig
-    from t5x_like.train_tasks import LanguageModelTask
     from t5x_like.optimizers import OptimizerConfig
+    from t5x_like.train_tasks import LanguageModelTask
     from t5x_like.trainer import Trainer
 
     config = dict(DECODER, num_layers=1, scan_layers=False, remat_policy="none", dtype="float32")

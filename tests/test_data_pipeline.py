@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("seqio")
 import tensorflow as tf  # noqa: E402
 
-from t5x_like import partitioning as part, paths  # noqa: E402
+from t5x_like import partitioning as part  # noqa: E402
+from t5x_like import paths
 from t5x_like.data import converters, mining, pipeline, sources, tasks  # noqa: E402
 from t5x_like.data.vocab import HFTokenizerVocabulary, sentencepiece_vocabulary  # noqa: E402
 

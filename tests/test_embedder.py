@@ -6,10 +6,9 @@ import shutil
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from t5x_like import paths
 from t5x_like.convert.tokenizer import SentencePieceTokenizer, load_tokenizer

@@ -14,8 +14,14 @@ import pytest
 from t5x_like import paths
 from t5x_like.data.sources import read_beir
 from t5x_like.evaluation import retrieval
-from t5x_like.evaluation.retrieval import (evaluate, per_query, read_trec_run, run_from_topk,
-                                           search, write_trec_run)
+from t5x_like.evaluation.retrieval import (
+    evaluate,
+    per_query,
+    read_trec_run,
+    run_from_topk,
+    search,
+    write_trec_run,
+)
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
@@ -213,8 +219,8 @@ MAX_LENGTH = 64
 @pytest.mark.slow
 def test_dense_run_with_minilm_matches_sentence_transformers(scifact, tmp_path, devices):
     st = pytest.importorskip("sentence_transformers")
-    from t5x_like.evaluation.beir import corpus_cache_key, dense_run
     from t5x_like.embedder import Embedder
+    from t5x_like.evaluation.beir import corpus_cache_key, dense_run
 
     data, qids = scifact_subset(scifact)
     embedder = Embedder.from_pretrained(minilm.get_model_path(), max_length=MAX_LENGTH)

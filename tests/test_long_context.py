@@ -125,7 +125,8 @@ def test_needle_prompt_on_a_book_has_the_exact_length_and_depth(pieces, book_pat
         # The question + answer repeat the needle sentence: search the haystack only.
         context = probe.tokens[: probe.answer_start - len(prompts.question)]
         assert find_all(context, prompts.needle) == [probe.needle_start]
-        assert abs(probe.needle_depth * probe.haystack_length - depth * probe.haystack_length) <= longest / 2 + 1
+        offset = probe.needle_depth * probe.haystack_length - depth * probe.haystack_length
+        assert abs(offset) <= longest / 2 + 1
         assert list(probe.tokens[-len(prompts.answer):]) == prompts.answer
         # The haystack is the book from its first sentence on, whole sentences before the needle.
         before = probe.tokens[1: probe.needle_start].tolist()

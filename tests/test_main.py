@@ -2,8 +2,8 @@
 
 import math
 
-from t5x_like import main as main_job
 from configs import foundation_demo
+from t5x_like import main as main_job
 
 
 def test_main_job_forward_on_real_text(devices):

@@ -5,11 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from t5x_like import partitioning as part
-from t5x_like.models.pooling import pool
 from t5x_like.models.encoder import Encoder, EncoderConfig
+from t5x_like.models.pooling import pool
 from t5x_like.objectives import contrastive as c
 
 

@@ -24,7 +24,6 @@ from t5x_like import partitioning as part
 from t5x_like.models import Decoder, DecoderConfig
 from t5x_like.objectives import lm
 
-
 # ---------------------------------------------------------------- numpy reference
 
 

@@ -5,16 +5,21 @@ import dataclasses
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
+from test_attention import (
+    assert_blind_rows_are_zero,
+    assert_matches,
+    attend_and_grads,
+    packed_segments,
+    random_inputs,
+    reference,
+    run_kernel_case,
+)
 
 from t5x_like.kernels import attention, flash_blocks
 from t5x_like.kernels.attention import AttentionSpec, dot_product_attention
-from test_attention import (
-    assert_blind_rows_are_zero, assert_matches, attend_and_grads, packed_segments, random_inputs, reference, run_kernel_case,
-)
 
 IMPLEMENTATION = "pallas"
 

@@ -2,17 +2,21 @@
 (simulated SMEM, TMA, barriers and wgmma), against the float64 reference of
 test_attention.py; its race detector checks the TMA ring's barriers."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_attention import (
+    assert_blind_rows_are_zero,
+    assert_matches,
+    attend_and_grads,
+    random_inputs,
+    reference,
+    run_kernel_case,
+)
 
 from t5x_like.kernels import attention
 from t5x_like.kernels.attention import dot_product_attention
-from test_attention import (
-    assert_blind_rows_are_zero, assert_matches, attend_and_grads, random_inputs, reference, run_kernel_case,
-)
 
 IMPLEMENTATION = "pallas_gpu"
 

@@ -1,10 +1,9 @@
 """Mesh construction, logical-axis rules, and 1-device vs 8-device equality."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from t5x_like import partitioning as part

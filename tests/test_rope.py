@@ -1,9 +1,8 @@
 """RoPE frequencies against transformers' own rope initialisers, and the config plumbing."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import jax.numpy as jnp
 
 from t5x_like.models import rope
 

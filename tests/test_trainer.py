@@ -8,14 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import checkpoints, partitioning as part
+from t5x_like import checkpoints
+from t5x_like import partitioning as part
+from t5x_like.callbacks import EvalHook
 from t5x_like.models.decoder import DecoderConfig
 from t5x_like.models.encoder import EncoderConfig
 from t5x_like.models.lora import LoraConfig
 from t5x_like.objectives.contrastive import ContrastiveConfig
-from t5x_like.train_tasks import DualEncoderTask, LanguageModelTask
-from t5x_like.callbacks import EvalHook
 from t5x_like.optimizers import OptimizerConfig
+from t5x_like.train_tasks import DualEncoderTask, LanguageModelTask
 from t5x_like.trainer import Trainer
 
 DECODER = DecoderConfig(vocab_size=128, embed_dim=32, num_layers=1, num_heads=8, num_kv_heads=4,

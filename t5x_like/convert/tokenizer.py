@@ -48,7 +48,8 @@ def _read_json(path: Path) -> dict:
 
 
 class HFTokenizer:
-    """A ``tokenizer.json`` through the ``tokenizers`` library (the file transformers' fast tokenizers read)."""
+    """A ``tokenizer.json`` through the ``tokenizers`` library (the file transformers' fast
+    tokenizers read)."""
 
     def __init__(self, path: str | Path, model_config: dict | None = None):
         from tokenizers import Tokenizer
@@ -59,7 +60,8 @@ class HFTokenizer:
         self._tok.no_padding()
         settings = special_token_settings(self.path.parent)
         model_config = model_config or {}
-        self.pad_id = self._token_id(special_token(settings, "pad_token"), model_config.get("pad_token_id"), 0)
+        self.pad_id = self._token_id(special_token(settings, "pad_token"),
+                                     model_config.get("pad_token_id"), 0)
         eos_id = model_config.get("eos_token_id")
         if isinstance(eos_id, list):
             eos_id = eos_id[0]

@@ -20,7 +20,7 @@ import seqio
 import tensorflow as tf
 
 from t5x_like.data import preprocessors as prep
-from t5x_like.data.sources import BeirData, BadRecord
+from t5x_like.data.sources import BadRecord, BeirData
 from t5x_like.data.vocab import HFTokenizerVocabulary
 
 # ------------------------------------------------------------- contrastive examples

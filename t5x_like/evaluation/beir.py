@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
 from absl import app, flags
 
 from t5x_like.data import mining
@@ -199,7 +198,8 @@ def check_flags() -> tuple[BeirData, Path | None]:
     if FLAGS.k < 1 or FLAGS.batch_size < 1:
         raise app.UsageError(f"--k={FLAGS.k} and --batch_size={FLAGS.batch_size} must be >= 1")
     if use_bm25 and (FLAGS.query_prefix or FLAGS.passage_prefix or FLAGS.instruction):
-        raise app.UsageError("--query_prefix / --passage_prefix / --instruction apply to dense models, not bm25")
+        raise app.UsageError("--query_prefix / --passage_prefix / --instruction apply to dense models, "
+                             "not bm25")
     if FLAGS.query_prefix is not None and FLAGS.instruction is not None:
         raise app.UsageError("give --query_prefix (E5) or --instruction (E5-mistral), not both")
     data_dir = Path(FLAGS.data)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-
 from absl import app, flags
 
 from t5x_like.embedder import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX
@@ -230,9 +229,8 @@ def main(argv: Sequence[str]) -> None:
     del argv
     import mteb
 
-    from t5x_like.embedder import Embedder
-
     from t5x_like.data.sources import BadRecord
+    from t5x_like.embedder import Embedder
 
     # Model, tasks and data first: a wrong path or name fails before the model loads.
     from t5x_like.model_sources import resolve_model_dir

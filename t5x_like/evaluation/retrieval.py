@@ -37,7 +37,8 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from t5x_like.data.sources import read_trec_run  # noqa: F401  (re-exported: runs in, runs out)
 from t5x_like.paths import atomic_path
@@ -185,7 +186,8 @@ def search(query_embeddings, doc_embeddings, k: int, *, mesh: Mesh | None = None
     queries = np.asarray(query_embeddings, np.float32)
     docs = np.asarray(doc_embeddings, np.float32)
     if queries.ndim != 2 or docs.ndim != 2 or queries.shape[1] != docs.shape[1]:
-        raise ValueError(f"need [nq, dim] queries and [n_docs, dim] docs, got {queries.shape} and {docs.shape}")
+        raise ValueError(f"need [nq, dim] queries and [n_docs, dim] docs, got {queries.shape} and "
+                         f"{docs.shape}")
     if k < 1 or chunk_size < 1:
         raise ValueError(f"k={k} and chunk_size={chunk_size} must be >= 1")
     if docs.shape[0] == 0:

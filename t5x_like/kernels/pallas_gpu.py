@@ -59,8 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from t5x_like.kernels import attention
-from t5x_like.kernels import compile_target
+from t5x_like.kernels import attention, compile_target
 from t5x_like.kernels import flash_blocks as fb
 
 WGMMA_ROWS = 64  # Hopper's wgmma M; block sizes are multiples of it

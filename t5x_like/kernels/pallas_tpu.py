@@ -60,8 +60,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from t5x_like.kernels import attention
-from t5x_like.kernels import compile_target
+from t5x_like.kernels import attention, compile_target
 from t5x_like.kernels import flash_blocks as fb
 
 DEFAULT_BLOCK_Q = 512

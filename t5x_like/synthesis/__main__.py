@@ -14,11 +14,11 @@ from pathlib import Path
 from absl import app, flags
 
 from t5x_like import config_cli
+from t5x_like.model_sources import resolve_model_dir, resolve_path
+from t5x_like.run_config import from_section
 from t5x_like.synthesis.lm import HTTPLM, LocalLM, tokenizer_counter
 from t5x_like.synthesis.retrieval import BM25Retriever, DenseRetriever, load_documents
 from t5x_like.synthesis.workflow import Settings, Workflow
-from t5x_like.model_sources import resolve_model_dir, resolve_path
-from t5x_like.run_config import from_section
 
 log = logging.getLogger(__name__)
 

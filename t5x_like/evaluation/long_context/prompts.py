@@ -9,7 +9,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-
 # ------------------------------------------------------------------ templates
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
@@ -92,7 +91,8 @@ class Probe:
     answer_start: int  # index of the first answer token
     needle_start: int  # index of the first needle token
     needle_length: int
-    haystack_start: int  # the haystack spans [haystack_start, haystack_start + haystack_length + needle_length)
+    # the haystack spans [haystack_start, haystack_start + haystack_length + needle_length)
+    haystack_start: int
     haystack_length: int  # haystack tokens, needle excluded
     depth: float  # the depth requested
     answer: str

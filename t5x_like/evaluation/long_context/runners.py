@@ -11,7 +11,6 @@ import numpy as np
 from t5x_like.evaluation.long_context.prompts import NeedlePrompts, PasskeyPrompts, passkey_key
 from t5x_like.evaluation.long_context.scoring import LMScorer, count_windows, score_probes, sliding_window_nll
 
-
 # -------------------------------------------------------------------- grids
 
 

@@ -9,8 +9,14 @@ import numpy as np
 
 from t5x_like.evaluation.long_context.prompts import Probe
 from t5x_like.evaluation.long_context.windows import (
-    Batch, _chunks, answer_weights, bucket_length, make_batch, sliding_windows, window_weights)
-
+    Batch,
+    _chunks,
+    answer_weights,
+    bucket_length,
+    make_batch,
+    sliding_windows,
+    window_weights,
+)
 
 # ------------------------------------------------------------------- scoring
 

@@ -9,7 +9,6 @@ import numpy as np
 
 from t5x_like.evaluation.long_context.prompts import Probe
 
-
 # ------------------------------------------------------------- sliding windows
 
 
