@@ -26,7 +26,7 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir, trainer) -> tuple[EvalH
     them), in the run's compute dtype and attention backend; ``eval.dtype`` overrides
     the dtype (``float32`` for the most exact figures where the backend allows it).
     """
-    from t5x_like.convert.hf import read_hf_config
+    from t5x_like.convert.hf_config import read_hf_config
     from t5x_like.convert.tokenizer import load_tokenizer
     from t5x_like.data.sources import read_beir
     from t5x_like.embedder import Embedder, default_max_length

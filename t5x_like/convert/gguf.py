@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from t5x_like.convert import hf
-from t5x_like.convert.hf import CheckpointError
+from t5x_like.convert.hf_config import CheckpointError
 from t5x_like.models.decoder import DecoderConfig
 
 log = logging.getLogger(__name__)

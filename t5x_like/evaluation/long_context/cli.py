@@ -92,7 +92,7 @@ class CheckedArgs:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CheckedArgs:
     """Every flag checked before any model loads; errors name the flag (``parser.error`` exits 2)."""
-    from t5x_like.convert.hf import read_hf_config
+    from t5x_like.convert.hf_config import read_hf_config
     from t5x_like.model_sources import resolve_model_dir
 
     try:
