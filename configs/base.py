@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.task = "dual_encoder"  # dual_encoder (contrastive) | lm (next-token)
     c.seed = 0
+    # The slice the recipe is sized for: a TPU topology (v5p:2x2x2), h100:N / h200:N, or cpu.
+    # python -m t5x_like.compile checks the step fits there; the launchers check it first.
+    c.target = "cpu"
     c.mesh = _section(data=-1, fsdp=1, tensor=1, sequence=1)
     # t5x_like.distributed.DistributedConfig: several processes (one per host). auto:
     # discover from SLURM / Open MPI variables or jax's own (Cloud TPU VMs); else name
@@ -48,7 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
         matryoshka_dims=(), matryoshka_weights=(),
     )
     c.lm = _section(z_loss=0.0, loss_chunk_size=1024)
-    c.lora = _section(enabled=False, rank=16, alpha=32.0, targets=DEFAULT_TARGETS, dropout=0.0)
+    # base_dtype: the frozen base's storage, "compute" (model.dtype) or e.g. "float32".
+    c.lora = _section(enabled=False, rank=16, alpha=32.0, targets=DEFAULT_TARGETS, dropout=0.0,
+                      base_dtype="compute")
     c.data = _section(
         format="beir",  # beir (path = a BEIR directory, split) | pairs (JSONL) | text (LM)
         # | instructions (LM: JSONL of {"input", "target"}, loss on targets; t5x_like.synthesis)

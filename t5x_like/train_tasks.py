@@ -75,8 +75,13 @@ class _ModelTask:
         return extra
 
     def init_params(self, model_params, rng) -> dict:
-        """The trained tree: ``{"model": ..., "lora"?: ..., "log_scale"?: ...}``."""
-        return {"model": model_params, **self._extra_params(model_params, rng)}
+        """The trained tree: ``{"model": ..., "lora"?: ..., "log_scale"?: ...}``. A frozen
+        (LoRA) base is kept in ``lora.base_dtype`` (the compute dtype by default)."""
+        extra = self._extra_params(model_params, rng)
+        if self.lora is not None:
+            dtype = self.model.dtype if self.lora.base_dtype == "compute" else self.lora.base_dtype
+            model_params = jax.tree.map(lambda x: x.astype(dtype), model_params)
+        return {"model": model_params, **extra}
 
     def param_specs(self, abstract_params, model_specs) -> dict:
         specs = {"model": model_specs}
@@ -93,14 +98,22 @@ class _ModelTask:
                 for k, v in params.items()}
 
     def model_params(self, params):
-        """The parameters the model runs with (LoRA merged; the frozen base gets no gradient)."""
+        """The parameters the model runs with: LoRA attached unmerged to a frozen base
+        (``lora.attach``), so only the adapters get a gradient."""
         if self.lora is None:
             return params["model"]
-        return lora_lib.merge(params["model"], params["lora"], self.lora, freeze_base=True)
+        return lora_lib.attach(params["model"], params["lora"], self.lora)
 
     def export_params(self, params):
-        """Plain model parameters for ``convert.hf.save_hf`` (LoRA merged into the base)."""
-        return self.model_params(params)
+        """Plain fp32 model parameters for ``convert.hf.save_hf`` (LoRA merged into the base)."""
+        if self.lora is None:
+            return params["model"]
+        merged = lora_lib.merge(params["model"], params["lora"], self.lora, freeze_base=True)
+        return jax.tree.map(lambda x: x.astype(jnp.float32), merged)
+
+    def frozen_keys(self) -> tuple[str, ...]:
+        """Top-level keys of the trained tree that get no gradient (a LoRA base)."""
+        return ("model",) if self.lora is not None else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +142,11 @@ class DualEncoderTask(_ModelTask):
         passages = {"tokens": batch["passage_tokens"].reshape(batch_size * group, p_len),
                     "mask": batch["passage_mask"].reshape(batch_size * group, p_len)}
         teacher = batch.get("teacher_scores")
-        encoder_params = {k: v for k, v in params.items() if k != "log_scale"}
+        # Gradients exist only for what trains: a frozen base is closed over, never carried.
+        frozen = {k: params[k] for k in self.frozen_keys()}
+        trainable = {k: v for k, v in params.items() if k != "log_scale" and k not in frozen}
         head = {"log_scale": params["log_scale"]} if "log_scale" in params else {}
+        encode = lambda trainable, inputs, rng: self.encode({**trainable, **frozen}, inputs, rng)
 
         def loss_from_embeddings(q, p, head):
             p = p.reshape(batch_size, group, -1)
@@ -138,19 +154,19 @@ class DualEncoderTask(_ModelTask):
 
         if self.grad_cache_chunks > 1:
             (_, sums), grads, head_grads = contrastive.gradient_cache(
-                self.encode, loss_from_embeddings, encoder_params, queries, passages,
+                encode, loss_from_embeddings, trainable, queries, passages,
                 chunks=self.grad_cache_chunks, rng=rng, head_params=head)
         else:
             q_rng, p_rng = jax.random.split(rng)
 
-            def total(encoder_params, head):
-                return loss_from_embeddings(self.encode(encoder_params, queries, q_rng),
-                                            self.encode(encoder_params, passages, p_rng), head)
+            def total(trainable, head):
+                return loss_from_embeddings(encode(trainable, queries, q_rng),
+                                            encode(trainable, passages, p_rng), head)
 
             (_, sums), (grads, head_grads) = jax.value_and_grad(
-                total, argnums=(0, 1), has_aux=True)(encoder_params, head)
+                total, argnums=(0, 1), has_aux=True)(trainable, head)
         sums["tokens"] = (queries["mask"].sum() + passages["mask"].sum()).astype(jnp.float32)
-        return sums, {**grads, **head_grads}
+        return sums, {**grads, **head_grads, **_zero_grads(frozen)}
 
     def flops(self, params, batch_shapes: dict) -> float:
         b, g, p_len = batch_shapes["passage_tokens"]
@@ -185,13 +201,15 @@ class LanguageModelTask(_ModelTask):
 
     def sums_and_grads(self, params, batch: dict, rng):
         del rng  # the decoders have no dropout
+        frozen = {k: params[k] for k in self.frozen_keys()}
+        trainable = {k: v for k, v in params.items() if k not in frozen}
 
-        def total(params):
-            sums = self.eval_sums(params, batch)
+        def total(trainable):
+            sums = self.eval_sums({**trainable, **frozen}, batch)
             return sums["loss"], sums
 
-        (_, sums), grads = jax.value_and_grad(total, has_aux=True)(params)
-        return sums, grads
+        (_, sums), grads = jax.value_and_grad(total, has_aux=True)(trainable)
+        return sums, {**grads, **_zero_grads(frozen)}
 
     def flops(self, params, batch_shapes: dict) -> float:
         b, length = batch_shapes["tokens"]
@@ -202,6 +220,11 @@ class LanguageModelTask(_ModelTask):
         return train_flops(n, b * length, length, cfg.num_layers, cfg.num_heads * cfg.head_dim,
                            weight_grads=self.lora is None)
 
+
+
+def _zero_grads(frozen: dict) -> dict:
+    """The optimizer's zero updates for frozen leaves: broadcasts XLA folds, no buffers."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), frozen)
 
 
 def batch_shapes(batch: dict) -> dict[str, tuple[int, ...]]:

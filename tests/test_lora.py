@@ -179,6 +179,36 @@ def test_decoder_gradient_matches_finite_difference(params):
     assert abs(numeric - analytic) <= 1e-2 * abs(analytic), (numeric, analytic)
 
 
+# ------------------------------------------------------- attached, not merged
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_attached_adapters_equal_the_merged_kernels(params, scan):
+    """Training applies adapters unmerged (x @ W + (x @ a) @ b): the same logits and
+    the same adapter gradients as the merged kernels, no gradient for the base."""
+    adapters = with_random_b(lora.init(params, CONFIG, jax.random.key(6)))
+    config, base = DECODER, params
+    if scan:
+        config = dataclasses.replace(DECODER, scan_layers=True)
+        base, adapters = stack_layers(params, 2), stack_layers(adapters, 2)
+    model = Decoder(config)
+    weights = np.random.default_rng(7).normal(size=TOKENS.shape + (DECODER.vocab_size,)).astype(np.float32)
+
+    def loss(base, adapters, join):
+        return jnp.sum(model.apply({"params": join(base, adapters, CONFIG)}, TOKENS) * weights)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)
+    (merged_loss, (_, merged_grads)) = grad(base, adapters, lora.merge)
+    (attached_loss, (base_grads, attached_grads)) = grad(base, adapters, lora.attach)
+    assert abs(float(attached_loss) - float(merged_loss)) <= 1e-4 * abs(float(merged_loss))
+    assert max_abs(attached_grads, merged_grads) <= 1e-4 * max(
+        float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(merged_grads))
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(base_grads))
+    attached = lora.attach(base, adapters, CONFIG)
+    layer = attached["layers"] if scan else attached["layer_0"]
+    assert set(layer["attention"]["query"]) == {"kernel", "lora_a", "lora_b"}
+
+
 # ----------------------------------------------------------- scanned vs unrolled
 
 

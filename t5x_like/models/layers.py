@@ -73,7 +73,10 @@ class Dense(nn.Module):
     """A projection contracting the last ``len(in_axes)`` input dims, annotated.
 
     ``in_axes`` / ``out_axes`` are the logical names of the contracted input dims
-    and of the produced dims; the kernel is ``[*in_dims, *out_dims]``.
+    and of the produced dims; the kernel is ``[*in_dims, *out_dims]``. A LoRA
+    adapter attached to the parameters (``lora.attach``: ``lora_a`` ``[*in_dims,
+    rank]``, ``lora_b`` ``[rank, *out_dims]``, scaled) adds ``(x @ a) @ b`` without
+    building the merged kernel.
     """
 
     features: tuple[int, ...]
@@ -99,6 +102,13 @@ class Dense(nn.Module):
             x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
             preferred_element_type=jnp.float32,
         )
+        if self.has_variable("params", "lora_a"):
+            a = self.get_variable("params", "lora_a").astype(self.dtype)
+            b = self.get_variable("params", "lora_b").astype(self.dtype)
+            low = jax.lax.dot_general(x.astype(self.dtype), a, (contract, ((), ())),
+                                      preferred_element_type=jnp.float32)
+            y = y + jax.lax.dot_general(low.astype(self.dtype), b, (((low.ndim - 1,), (0,)), ((), ())),
+                                        preferred_element_type=jnp.float32)
         if self.use_bias:
             bias = self.param(
                 "bias", annotated(nn.initializers.zeros, self.out_axes), tuple(self.features),

@@ -8,11 +8,17 @@ live in their own tree that mirrors the parameter paths, e.g.
 ``scan_layers`` the ``layers`` subtree keeps its leading layer axis on ``a`` and
 ``b`` too.
 
-The model never sees adapters: ``merge`` folds them into the kernels (fp32)
-inside the loss function, so differentiating w.r.t. the adapter tree trains
-only ``a`` and ``b`` (the base is behind ``stop_gradient``), and the merged tree
-is what ``convert.hf.save_hf`` exports. A merge has no separate adapter path,
-hence no LoRA dropout.
+Two ways to run an adapted model, equal up to rounding:
+
+- ``attach`` (training): each adapted ``layers.Dense`` gets ``lora_a`` and
+  ``lora_b`` (``b`` pre-scaled) beside its kernel and computes
+  ``x @ W + (x @ a) @ b``, so no merged kernel is ever built, the base keeps its
+  own dtype (bf16 for a frozen 7B base) and sits behind ``stop_gradient``: a
+  gradient w.r.t. the adapter tree trains only ``a`` and ``b``.
+- ``merge`` (export): folds ``W + (alpha / rank) * a @ b`` into fp32 kernels, the
+  plain tree ``convert.hf.save_hf`` writes.
+
+There is no LoRA dropout: the merged form has no separate adapter input to drop.
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ class LoraConfig:
     alpha: float = 32.0
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module names of the projections to adapt
     dropout: float = 0.0
+    # The frozen base's storage dtype: "compute" (the model's compute dtype: bf16 halves a
+    # 7B base) or a dtype name such as "float32".
+    base_dtype: str = "compute"
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))  # lists from configs
@@ -68,6 +77,12 @@ class LoraConfig:
                              f"projections are named {sorted(PROJECTIONS)}")
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"LoraConfig.targets={self.targets} names a projection twice")
+        if self.base_dtype != "compute":
+            try:
+                jnp.dtype(self.base_dtype)
+            except TypeError:
+                raise ValueError(f"LoraConfig.base_dtype={self.base_dtype!r}: use 'compute' or a "
+                                 "dtype name such as 'float32' or 'bfloat16'") from None
         if self.dropout != 0.0:
             raise ValueError(
                 f"LoraConfig.dropout={self.dropout}: adapters are merged into the kernels "
@@ -226,16 +241,8 @@ def delta(a: jax.Array, b: jax.Array, num_lead: int = 0) -> jax.Array:
     )
 
 
-def merge(params: Any, lora_params: Any, config: LoraConfig, *, freeze_base: bool = True) -> Any:
-    """``params`` with every adapted kernel replaced by ``W + (alpha / rank) * a @ b`` (fp32).
-
-    With ``freeze_base`` the base parameters pass through ``stop_gradient``, so
-    a gradient w.r.t. ``params`` is zero and only the adapters train.
-    """
-    params = nn.unbox(params)
-    if freeze_base:
-        params = jax.tree.map(jax.lax.stop_gradient, params)
-    merged = params
+def _checked_adapters(params: Any, lora_params: Any, config: LoraConfig) -> Iterator[tuple]:
+    """``(path, module, adapter)`` for every adapter, checked against the kernel it adapts."""
     for path in _adapter_paths(lora_params):
         where = "/".join(path)
         if path[-1] not in config.targets:
@@ -251,10 +258,37 @@ def merge(params: Any, lora_params: Any, config: LoraConfig, *, freeze_base: boo
         if adapter["a"].shape[-1] != config.rank:
             raise ValueError(f"lora: adapter {where} has rank {adapter['a'].shape[-1]}, "
                              f"LoraConfig.rank={config.rank}")
-        update = delta(adapter["a"], adapter["b"], num_lead=int(_STACKED_KEY in path))
-        if update.shape != kernel.shape:
-            raise ValueError(f"lora: adapter {where} gives a {update.shape} update for a "
+        lead = int(_STACKED_KEY in path)
+        want = tuple(adapter["a"].shape[:-1]) + tuple(adapter["b"].shape[lead + 1:])
+        if want != tuple(kernel.shape):
+            raise ValueError(f"lora: adapter {where} gives a {want} update for a "
                              f"{kernel.shape} kernel")
-        new_kernel = jnp.asarray(kernel, jnp.float32) + config.scale * update
+        yield path, module, adapter
+
+
+def attach(params: Any, lora_params: Any, config: LoraConfig) -> Any:
+    """``params`` (frozen: behind ``stop_gradient``) with ``lora_a`` / ``lora_b`` added to
+    every adapted Dense module; ``layers.Dense`` applies them unmerged (module doc)."""
+    params = jax.tree.map(jax.lax.stop_gradient, nn.unbox(params))
+    out = params
+    for path, module, adapter in _checked_adapters(params, lora_params, config):
+        out = _set(out, path, {**module, "lora_a": adapter["a"],
+                               "lora_b": adapter["b"] * config.scale})
+    return out
+
+
+def merge(params: Any, lora_params: Any, config: LoraConfig, *, freeze_base: bool = True) -> Any:
+    """``params`` with every adapted kernel replaced by ``W + (alpha / rank) * a @ b`` (fp32).
+
+    With ``freeze_base`` the base parameters pass through ``stop_gradient``, so
+    a gradient w.r.t. ``params`` is zero and only the adapters train.
+    """
+    params = nn.unbox(params)
+    if freeze_base:
+        params = jax.tree.map(jax.lax.stop_gradient, params)
+    merged = params
+    for path, module, adapter in _checked_adapters(params, lora_params, config):
+        update = delta(adapter["a"], adapter["b"], num_lead=int(_STACKED_KEY in path))
+        new_kernel = jnp.asarray(module["kernel"], jnp.float32) + config.scale * update
         merged = _set(merged, path, {**module, "kernel": new_kernel})
     return merged
