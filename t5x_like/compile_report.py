@@ -240,10 +240,9 @@ def train_step_program(
     mesh = target.mesh(mesh_shape)
     trainer = Trainer(task, OptimizerConfig(), mesh, total_steps=10)
     structs = {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=partitioning.batch_sharding(mesh, len(shape)))
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.partitioner.batch_sharding(len(shape)))
         for name, (shape, dtype) in batch.items()
     }
-    with jax.set_mesh(mesh):
-        start = time.perf_counter()
-        compiled = trainer._step.lower(trainer.abstract_state, structs).compile()
+    start = time.perf_counter()
+    compiled = trainer.compile_step(structs)
     return compiled, time.perf_counter() - start

@@ -40,26 +40,46 @@ def from_section(cls, section, name: str, drop: tuple[str, ...] = ()):
 
 def load_model(cfg):
     """``(model config, host params or None, model directory or None)``."""
+    if cfg.model.pretrained:
+        from t5x_like.convert import hf
+
+        directory = resolve_model_dir(cfg.model.pretrained, "model.pretrained")
+        # Stacked here when the run scans its layers, so the tree matches the model's.
+        config, params = hf.load_hf(directory, scan_layers=cfg.model.scan_layers)
+        return _with_overrides(cfg, config), params, directory
+    return model_config(cfg), None, None
+
+
+def model_config(cfg):
+    """The model config a run builds, from shapes alone: a pretrained model's
+    ``config.json`` (or GGUF header, or published config; ``model_shapes``) with the
+    run's overrides, no weights read. What the compile check builds its step from."""
+    m = cfg.model
+    if m.pretrained:
+        from t5x_like import model_shapes
+
+        return _with_overrides(cfg, model_shapes.model_config(m.pretrained))
+    classes = {"encoder": EncoderConfig, "decoder": DecoderConfig}
+    if m.architecture not in classes:
+        raise ValueError(f"config.model.architecture={m.architecture!r} is not one of {sorted(classes)}")
+    return _with_overrides(cfg, from_section(classes[m.architecture], m.config, "model.config"))
+
+
+def _with_overrides(cfg, config):
     m = cfg.model
     overrides = dict(dtype=m.dtype, attention=m.attention, remat_policy=m.remat_policy,
                      scan_layers=m.scan_layers)
     if m.max_position_embeddings:
         overrides["max_position_embeddings"] = m.max_position_embeddings
     if m.rope_theta:
-        if m.architecture != "decoder" and not m.pretrained:
-            raise ValueError("config.model.rope_theta applies to decoders only")
+        if not isinstance(config, DecoderConfig):
+            raise ValueError(f"config.model.rope_theta={m.rope_theta} applies to decoders (RoPE) "
+                             f"only; this model is a {type(config).__name__}")
         overrides["rope_theta"] = m.rope_theta
-    if m.pretrained:
-        from t5x_like.convert import hf
-
-        directory = resolve_model_dir(m.pretrained, "model.pretrained")
-        config, params = hf.load_hf(directory)
-        return dataclasses.replace(config, **overrides), params, directory
-    classes = {"encoder": EncoderConfig, "decoder": DecoderConfig}
-    if m.architecture not in classes:
-        raise ValueError(f"config.model.architecture={m.architecture!r} is not one of {sorted(classes)}")
-    config = from_section(classes[m.architecture], m.config, "model.config")
-    return dataclasses.replace(config, **overrides), None, None
+    try:
+        return dataclasses.replace(config, **overrides)
+    except ValueError as e:
+        raise ValueError(f"config.model: {e}") from None
 
 
 def tokenizer_path(cfg, model_dir: Path | None) -> Path:

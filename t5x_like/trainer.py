@@ -181,6 +181,13 @@ class Trainer:
         with self.partitioner.scope():
             return self._step(state, batch)
 
+    def compile_step(self, abstract_batch: dict):
+        """The step compiled ahead of time for ``abstract_batch`` (``jax.ShapeDtypeStruct`` s
+        laid out by ``partitioner.batch_sharding``) and the abstract state: exactly the
+        program ``step`` runs, for this mesh's devices, which need not be this host's."""
+        with self.partitioner.scope():
+            return self._step.lower(self.abstract_state, abstract_batch).compile()
+
     def flops_per_step(self, state: TrainState, batch: dict) -> float:
         if self._flops_per_step is None:
             self._flops_per_step = self.task.flops(state.params, batch_shapes(batch))

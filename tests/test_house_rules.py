@@ -27,16 +27,17 @@ LAYERS = {
     "t5x_like.models": 1,
     # 2: objectives, and the formats and sources models are read from
     "t5x_like.objectives": 2, "t5x_like.convert": 2, "t5x_like.data": 2,
-    "t5x_like.model_sources": 2,
+    "t5x_like.model_sources": 2, "t5x_like.model_shapes": 2,
     # 3: tasks, the trainer, inference and evaluation
     "t5x_like.train_tasks": 3, "t5x_like.optimizers": 3, "t5x_like.callbacks": 3,
     "t5x_like.trainer": 3, "t5x_like.generate": 3, "t5x_like.embedder": 3,
     "t5x_like.evaluation": 3, "t5x_like.synthesis": 3,
     # 4: the run layer: a config turned into a run
     "t5x_like.run_config": 4, "t5x_like.eval_hooks": 4, "t5x_like.export": 4,
-    "t5x_like.stages": 4, "t5x_like.compile_report": 4,
+    "t5x_like.stages": 4, "t5x_like.compile_report": 4, "t5x_like.fit": 4,
     # 5: the command lines built on all of it
-    "t5x_like.train": 5, "t5x_like.embed": 5, "t5x_like.main": 5, "t5x_like.synthesis.__main__": 5,
+    "t5x_like.train": 5, "t5x_like.compile": 5, "t5x_like.embed": 5, "t5x_like.main": 5,
+    "t5x_like.synthesis.__main__": 5,
 }
 TENSORFLOW = ("tensorflow", "tensorflow_datasets", "tensorflow_text", "seqio")
 
@@ -49,7 +50,8 @@ def _module_name(path: Path) -> str:
 def _layer(module: str) -> int | None:
     best = None
     for prefix, layer in LAYERS.items():
-        if module == prefix or module.startswith(prefix + "."):
+        # The package root places only its own __init__, so a new module must be placed.
+        if module == prefix or (prefix != "t5x_like" and module.startswith(prefix + ".")):
             if best is None or len(prefix) > len(best[0]):
                 best = (prefix, layer)
     return None if best is None else best[1]

@@ -224,10 +224,12 @@ def params_from_state_dict(
     return _maybe_stack(config, params)
 
 
-def load_hf(path: str | Path) -> tuple[models.ModelConfig, dict]:
-    """``(config, params)`` from a local Hugging Face model directory."""
+def load_hf(path: str | Path, *, scan_layers: bool = False) -> tuple[models.ModelConfig, dict]:
+    """``(config, params)`` from a local Hugging Face model directory; ``scan_layers``
+    stacks the layers on a leading axis, the layout a scanned model runs with."""
     path = Path(path)
     config = config_from_hf(read_hf_config(path), str(path / "config.json"))
+    config = dataclasses.replace(config, scan_layers=scan_layers)
     state = read_state_dict(path)
     if isinstance(config, EncoderConfig) and any(n.endswith("pooler.dense.weight") for n in state):
         config = dataclasses.replace(config, pooler=True)
