@@ -6,6 +6,11 @@ Renders launch/slurm_template.sbatch, writes it (atomically) into WORKDIR/slurm/
 Every node runs the same command with ``--config.distributed.auto=True``: jax reads SLURM_*
 to find process 0 and the process count. WORKDIR must be on a filesystem every node mounts.
 
+Before anything is written or submitted, the config's training step is compiled for the
+allocation's GPUs (``--gpu-type`` x ``--gpus-per-node`` x ``--nodes``; ``launch/fit_check.py``)
+with the repository's environment; a config that cannot fit is refused with the check's
+advice. ``--skip-fit-check`` submits anyway; ``--dry-run`` prints the check's result.
+
 On a single host no launcher is needed: one process sees all local GPUs, so the plain
 ``python -m t5x_like.train ...`` command uses them all (see launch/README.md).
 """
@@ -21,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_command, however we start
+from fit_check import check_fit, gpu_target  # noqa: E402
 from train_command import REPO_ROOT, LaunchError, check_config, check_env, check_overrides, train_argv  # noqa: E402
 
 TEMPLATE = Path(__file__).resolve().parent / "slurm_template.sbatch"
@@ -177,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     alloc = parser.add_argument_group("allocation")
     alloc.add_argument("--nodes", type=int, required=True, help="hosts (one process each)")
     alloc.add_argument("--gpus-per-node", type=int, required=True, help="GPUs on each host")
+    alloc.add_argument("--gpu-type", default="h100", choices=["h100", "h200"],
+                       help="the GPUs, for the fit check (default: %(default)s)")
     alloc.add_argument("--partition", help="SLURM partition")
     alloc.add_argument("--account", help="SLURM account to charge")
     alloc.add_argument("--time", help="time limit: MINUTES, HH:MM:SS or D-HH:MM:SS")
@@ -208,9 +216,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave out: " + " ".join(DEFAULT_XLA_FLAGS))
     xla.add_argument("--mem-fraction", type=float, default=0.9,
                      help="XLA_PYTHON_CLIENT_MEM_FRACTION (default: %(default)s)")
+    parser.add_argument("--skip-fit-check", action="store_true",
+                        help="submit without compiling the step for the GPUs first")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the script and the sbatch command; write and submit nothing")
     return parser
+
+
+def fit_first(args) -> None:
+    """The config's step must fit the allocation's GPUs (module doc)."""
+    if args.skip_fit_check:
+        print("[fit check] skipped (--skip-fit-check)", file=sys.stderr)
+        return
+    python = Path(args.python)
+    if "/" in args.python and not python.is_absolute():
+        python = Path(args.repo_dir) / python
+    target = gpu_target(args.gpu_type, args.gpus_per_node, args.nodes)
+    report = check_fit(args.config, target, args.overrides, python=str(python),
+                       repo_dir=Path(args.repo_dir))
+    print(report, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         check_args(args, extra)
+        fit_first(args)
         script = render_script(args)
     except LaunchError as err:
         parser.error(str(err))

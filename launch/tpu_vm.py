@@ -8,6 +8,11 @@ in order and the first failure stops the launcher, naming the command.
 On a pod slice every worker runs the same training command with
 ``--config.distributed.auto=True`` (jax finds the other workers itself), so ``--workdir`` must
 be an absolute path on a filesystem all workers mount (Filestore / NFS / a gcsfuse mount).
+
+``create`` (given ``--config``) and ``up`` first check that the config's training step fits
+the slice: ``--accelerator-type`` maps to its topology and ``python -m t5x_like.compile``
+compiles the step for it here (``launch/fit_check.py``). A config that cannot fit is refused
+before any gcloud command, with the check's advice; ``--skip-fit-check`` launches anyway.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_command, however we start
+from fit_check import check_fit, tpu_target  # noqa: E402
 from train_command import (  # noqa: E402
     REPO_ROOT,
     LaunchError,
@@ -207,13 +213,31 @@ def check_args(args, extra: list[str]) -> None:
         raise LaunchError(f"--worker={args.worker}: expected all, an index, a list (0,2) "
                           "or a range (1-3)")
     overrides = [item for item in extra if item != "--"]
-    if hasattr(args, "config"):
+    if hasattr(args, "workdir"):
         args.config = check_config(args.config, inside_repo=True)
         args.workdir = check_remote_workdir(args.workdir)
         args.env = check_env(args.env)
         args.overrides = check_overrides(overrides)
+    elif getattr(args, "config", None):  # create: a config only for the fit check
+        args.config = check_config(args.config, inside_repo=True)
+        args.overrides = check_overrides(overrides)
     elif overrides:
         raise LaunchError(f"unrecognized arguments: {' '.join(overrides)}")
+
+
+def fit_first(args) -> None:
+    """``create`` / ``up``: the config's step must fit the slice (module doc)."""
+    if args.command not in ("create", "up"):
+        return
+    if args.skip_fit_check:
+        print("[fit check] skipped (--skip-fit-check)", file=sys.stderr)
+        return
+    if not args.config:
+        print("[fit check] no --config given, so nothing to check; pass the run's --config "
+              "(and its overrides after --) to check it fits first", file=sys.stderr)
+        return
+    report = check_fit(args.config, tpu_target(args.accelerator_type), args.overrides)
+    print(report, file=sys.stderr)
 
 
 # ---------------------------------------------------------------- running
@@ -263,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     market = create.add_mutually_exclusive_group()
     market.add_argument("--spot", action="store_true", help="a Spot TPU (cheaper, preemptible)")
     market.add_argument("--preemptible", action="store_true", help="a preemptible TPU")
+    create.add_argument("--skip-fit-check", action="store_true",
+                        help="launch without compiling the step for the slice first")
 
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--remote-dir", default="t5x_like",
@@ -291,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub_parser.set_defaults(parser=sub_parser)  # errors print this command's usage
         return sub_parser
 
-    add("create", [create], "create the TPU VM")
+    create_only = argparse.ArgumentParser(add_help=False)
+    create_only.add_argument("--config", help="the run's FILE.py[:ARG]: checked to fit the slice "
+                             "before anything is created (its overrides go after --)")
+    add("create", [create, create_only], "create the TPU VM (with --config: if the run fits)")
     add("copy", [remote], "copy the repository's tracked files to every worker")
     add("install", [remote, install], "run scripts/env.sh and install jax[tpu] on every worker")
     add("run", [remote, run], "start training on every worker; overrides go after --")
@@ -314,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         check_args(args, extra)
+        fit_first(args)
         commands = COMMANDS[args.command](args)
     except LaunchError as err:
         args.parser.error(str(err))

@@ -33,9 +33,9 @@ def load(name):
     return module
 
 
-def launch(script, *args, env=None):
+def launch(script, *args, env=None, timeout=60):
     return subprocess.run([sys.executable, str(LAUNCH / script), *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+                          text=True, timeout=timeout, env=env)
 
 
 def dry_run(script, *args):
@@ -87,7 +87,7 @@ def test_create_passes_the_tpu_flags():
 
 def test_up_runs_every_step_in_order_on_all_workers():
     lines = commands("up", *TPU, "--accelerator-type", "v4-32", "--config", CONFIG,
-                     "--workdir", WORKDIR, "--dry-run", "--", *OVERRIDES)
+                     "--workdir", WORKDIR, "--dry-run", "--skip-fit-check", "--", *OVERRIDES)
     kinds = [argv[4] if argv[0] == "gcloud" else argv[0] for argv in lines]
     assert kinds == ["create", "bash", "scp", "ssh", "rm", "ssh", "ssh"]
     for argv in lines:
@@ -228,7 +228,8 @@ def test_tpu_stops_at_the_first_failing_command(tmp_path):
     calls = tmp_path / "calls"
     executable(bin_dir / "gcloud", f"#!/bin/sh\necho \"$*\" >> {calls}\nexit 3\n")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    proc = launch("tpu_vm.py", "up", *TPU, "--accelerator-type", "v4-8", "--config", CONFIG,
+    proc = launch("tpu_vm.py", "up", *TPU, "--skip-fit-check", "--accelerator-type", "v4-8",
+                  "--config", CONFIG,
                   "--workdir", WORKDIR, env=env)
     assert proc.returncode == 3
     assert "step 1/7 failed (exit code 3)" in proc.stderr and "tpu-vm create" in proc.stderr
@@ -241,8 +242,11 @@ def test_tpu_stops_at_the_first_failing_command(tmp_path):
 
 # ---------------------------------------------------------------- slurm.py
 
-SLURM = ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--account", "lab",
-         "--time", "12:00:00", "--cpus-per-task", "32", "--config", CONFIG]
+# The fit check has tests of its own below; the bad-input test pairs these up (the flag
+# without a value comes last, where that pairing drops it).
+SLURM = ["--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+         "--account", "lab", "--time", "12:00:00", "--cpus-per-task", "32", "--config", CONFIG,
+         "--skip-fit-check"]
 
 
 def slurm_dry_run(workdir, *extra):
@@ -387,3 +391,55 @@ def test_default_xla_flags_are_known_to_this_xla():
     proc = subprocess.run([sys.executable, "-c", "import jax; jax.numpy.zeros(1)"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the fit check
+
+TINY = "configs/e5_mistral_lora.py:tiny"
+# 131,072 queries against 262,144 passages: a 137 GB similarity matrix for four v5e chips.
+OVERSIZED = "--config.train.batch_size=131072"
+
+
+def test_accelerator_types_map_to_their_topologies():
+    sys.path.insert(0, str(LAUNCH))
+    fit_check = load("fit_check")
+    assert fit_check.tpu_target("v5litepod-16") == "v5e:4x4"
+    assert fit_check.tpu_target("v5litepod-8") == "v5e:2x4"
+    assert fit_check.tpu_target("v5p-8") == "v5p:2x2x1"  # 8 TensorCores, 4 chips
+    assert fit_check.tpu_target("v5p-128") == "v5p:4x4x4"
+    assert fit_check.tpu_target("v4-32") == "v4:2x2x4"
+    assert fit_check.tpu_target("v6e-8") == "v6e:2x4"
+    assert fit_check.gpu_target("h100", 8, 4) == "h100:32"
+    with pytest.raises(ValueError, match="--skip-fit-check"):
+        fit_check.tpu_target("v5litepod-12")
+    with pytest.raises(ValueError, match="whole 8-GPU hosts"):
+        fit_check.gpu_target("h100", 6, 2)
+
+
+def test_tpu_up_dry_run_shows_the_fit_check():
+    proc = launch("tpu_vm.py", "up", *TPU, "--accelerator-type", "v5litepod-4", "--config", TINY,
+                  "--workdir", WORKDIR, "--dry-run", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[fit check]" in proc.stderr and "--target=v5e:2x2" in proc.stderr
+    assert "v5e:2x2 (4 devices" in proc.stderr and "(fits)" in proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("gcloud compute tpus tpu-vm create")
+
+
+def test_tpu_create_refuses_a_config_that_cannot_fit():
+    proc = launch("tpu_vm.py", "create", *TPU, "--accelerator-type", "v5litepod-4",
+                  "--config", TINY, "--", OVERSIZED, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "does not fit v5e:2x2; nothing was launched" in proc.stderr
+    assert "DOES NOT FIT" in proc.stderr and "try: " in proc.stderr
+    assert "gcloud" not in proc.stdout and "[tpu_vm 1/" not in proc.stderr
+
+
+def test_slurm_refuses_a_config_that_cannot_fit_before_writing(tmp_path):
+    workdir = tmp_path / "run"
+    args = [a for a in SLURM if a != "--skip-fit-check"]
+    args[args.index(CONFIG)] = TINY
+    proc = launch("slurm.py", *args, "--nodes", "1", "--gpus-per-node", "4", "--workdir",
+                  str(workdir), "--", OVERSIZED, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "does not fit h100:4; nothing was launched" in proc.stderr
+    assert not workdir.exists()
