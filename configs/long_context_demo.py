@@ -34,12 +34,14 @@ def get_config(variant: str = "pretrain"):
     c.optimizer.weight_decay = 0.01
     c.optimizer.decay = "cosine"
     c.optimizer.end_factor = 0.1
+    # The pre-trained shape; extend reads it from model.pretrained (the pretrain export) and
+    # keeps it here for the fit check (python -m t5x_like.compile), which loads no weights.
+    c.model.architecture = "decoder"
+    c.model.config = base._section(
+        model_type="llama", vocab_size=4096, embed_dim=256, num_layers=4, num_heads=4,
+        num_kv_heads=2, head_dim=64, mlp_dim=688, tie_embeddings=True,
+        rope_theta=10_000.0, max_position_embeddings=512)
     if variant == "pretrain":
-        c.model.architecture = "decoder"
-        c.model.config = base._section(
-            model_type="llama", vocab_size=4096, embed_dim=256, num_layers=4, num_heads=4,
-            num_kv_heads=2, head_dim=64, mlp_dim=688, tie_embeddings=True,
-            rope_theta=10_000.0, max_position_embeddings=512)
         c.train.steps = 300  # 2.5M tokens, about 3/4 of an epoch of the nine books
         c.train.checkpoint_every = 100
         c.optimizer.learning_rate = 3e-3

@@ -48,8 +48,15 @@ def compile_cli(*args):
                           text=True, timeout=900)
 
 
-@pytest.mark.parametrize("spec, target", [("configs/e5_mistral_lora.py:tiny", "v5e:2x2"),
-                                          ("configs/llama_long_context.py:tiny", "h100:8")])
+@pytest.mark.parametrize("spec, target", [
+    ("configs/e5_mistral_lora.py:tiny", "v5e:2x2"),
+    ("configs/llama_long_context.py:tiny", "h100:8"),
+    # The other pairs: the same code paths, more compile time.
+    pytest.param("configs/e5_mistral_lora.py:tiny", "h100:8", marks=pytest.mark.slow),
+    pytest.param("configs/llama_long_context.py:tiny", "v5e:2x2", marks=pytest.mark.slow),
+    pytest.param("configs/e5_pretrain.py:tiny", "v5e:2x2", marks=pytest.mark.slow),
+    pytest.param("configs/e5_finetune.py:tiny", "h100:8", marks=pytest.mark.slow),
+])
 def test_tiny_recipes_compile_and_report_memory(spec, target):
     reports = fit.check_recipe(load(spec), target)
     assert len(reports) == (2 if "long_context" in spec else 1)  # stage by stage
