@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # sibling bench modules
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from t5x_like import compile_report as cr  # noqa: E402
@@ -224,29 +221,9 @@ def main() -> None:
 
 
 def _record(body: str) -> None:
-    from importlib.metadata import version
+    from compiled_section import write_section  # bench/compiled_section.py
 
-    import jaxlib
-
-    from t5x_like import host_platform
-
-    command = "python " + " ".join(["bench/compile_kernels.py"] + sys.argv[1:])
-    host = "an accelerator present" if host_platform.has_accelerator() else "no accelerator"
-    header = (
-        f"{SECTION}\n\nCompiled, not run, on a {platform.machine()} host ({os.cpu_count()} "
-        f"cores, {host}) for the chips named: jax {jax.__version__}, "
-        f"jaxlib {jaxlib.__version__}, libtpu {version('libtpu')}, jax-cuda12-plugin "
-        f"{version('jax-cuda12-plugin')}, ptxas from nvidia-cuda-nvcc-cu12 "
-        f"{version('nvidia-cuda-nvcc-cu12')}; {datetime.date.today().isoformat()}.\n\n"
-        f"`{command}`"
-    )
-    text = RESULTS.read_text()
-    start = text.find(SECTION)
-    if start >= 0:  # replace the previous run's section, keep what follows it
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + text[end + 1:] if end >= 0 else text[:start]
-    RESULTS.write_text(text.rstrip() + "\n\n" + header + "\n\n" + body + "\n")
-    print(f"wrote {RESULTS}")
+    write_section(SECTION, "bench/compile_kernels.py", body)
 
 
 if __name__ == "__main__":
