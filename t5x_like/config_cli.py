@@ -26,6 +26,18 @@ def load_config_file(spec: str):
     return module.get_config(arg) if arg else module.get_config()
 
 
+def load_with_overrides(spec: str, **dotted):
+    """``load_config_file(spec)`` with ``{"train.batch_size": 8, ...}`` set (tests, benches)."""
+    config = load_config_file(spec)
+    for path, value in dotted.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return config
+
+
 def check_overrides(argv: list[str], flag: str = "config") -> None:
     spec = None
     for arg in argv[1:]:

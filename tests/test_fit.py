@@ -19,23 +19,14 @@ import jax
 import numpy as np
 import pytest
 
-from t5x_like import fit, model_shapes, models, run_config
-from t5x_like.config_cli import load_config_file
+from t5x_like import config_cli, fit, model_shapes, models, run_config
 from t5x_like.convert.hf_config import config_from_hf
 from t5x_like.model_sources import resolve_path
 
 GIB = 2**30
 
 
-def load(spec: str, **overrides):
-    cfg = load_config_file(spec)
-    for dotted, value in overrides.items():
-        node = cfg
-        *path, last = dotted.split(".")
-        for key in path:
-            node = node[key]
-        node[last] = value
-    return cfg
+load = config_cli.load_with_overrides
 
 
 def fp32_bytes(model_config) -> int:

@@ -12,16 +12,7 @@ import pytest
 from t5x_like import checkpoints, config_cli, train
 from t5x_like.metrics import read_jsonl
 
-
-def load(spec, **overrides):
-    cfg = config_cli.load_config_file(spec)
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+load = config_cli.load_with_overrides
 
 
 @pytest.mark.parametrize("spec", ["configs/e5_pretrain.py:tiny", "configs/e5_mistral_lora.py:tiny"])
