@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from t5x_like.model_sources import resolve_model_dir
 from t5x_like.models.pooling import POOLINGS
@@ -44,7 +44,12 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --output file.")
 
 
 def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
-    """Texts of a .txt or .jsonl file; an empty or malformed line is an error naming the line."""
+    """Texts of a .txt (one per line) or .jsonl file, one embedding row per text.
+
+    An empty text is data (a .txt's empty line, a record's empty string) and is
+    embedded like any other; a blank .jsonl line holds no record and is skipped.
+    A malformed line is an error naming the line.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--input {path}: no such file")
@@ -56,6 +61,8 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
             line = line.rstrip("\r\n")
             where = f"{path}:{number}"
             if path.suffix == ".jsonl":
+                if not line.strip():
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -63,11 +70,12 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                     raise ValueError(f"{where}: expected an object with a string field {text_field!r}")
                 line = record[text_field]
-            if not line.strip():
-                raise ValueError(f"{where}: empty text")
             texts.append(line)
     if not texts:
         raise ValueError(f"--input {path}: no texts")
+    empty = sum(not t.strip() for t in texts)
+    if empty:
+        logging.warning("%s: %d empty texts, embedded as the empty string", path, empty)
     return texts
 
 

@@ -276,13 +276,27 @@ def test_bad_records_name_file_and_line(tmp_path, caplog):
     bad_json.write_text('{"query": "a", "positive": "b"}\n{"query": "a", \n')
     with pytest.raises(sources.BadRecord, match=r"pairs.jsonl:2: not valid JSON"):
         sources.read_pairs(bad_json)
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text('{"query": "a", "positive": "b"}\n{"query": "  ", "positive": "b"}\n')
-    with pytest.raises(sources.BadRecord, match=r"empty.jsonl:2: field 'query' is empty"):
-        sources.read_pairs(empty)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"query": "a", "positive": "b"}\n{"query": 3, "positive": "b"}\n')
+    with pytest.raises(sources.BadRecord, match=r"wrong.jsonl:2: field 'query' is not a string"):
+        sources.read_pairs(wrong)
     with caplog.at_level(logging.WARNING):
-        assert len(sources.read_pairs(empty, on_bad_record="skip")) == 1
+        assert len(sources.read_pairs(wrong, on_bad_record="skip")) == 1
     assert "skipped 1 bad records" in caplog.text
+
+
+def test_empty_texts_are_data_and_are_counted(tmp_path, caplog):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"query": "a", "positive": ""}\n{"query": "b", "positive": "c", "negatives": [""]}\n')
+    with caplog.at_level(logging.WARNING):
+        got = sources.read_pairs(pairs)
+    assert [x["positive"] for x in got] == ["", "c"] and got[1]["negatives"] == [""]
+    assert "2 records with an empty text, kept" in caplog.text
+    books = tmp_path / "books"
+    books.mkdir()
+    (books / "a.txt").write_text("words")
+    (books / "b.txt").write_text("\n")
+    assert [name for name, _ in sources.read_text_documents(books)] == ["a.txt", "b.txt"]
 
 
 def test_qrels_id_missing_from_corpus_is_named(tmp_path):
@@ -295,8 +309,12 @@ def test_qrels_id_missing_from_corpus_is_named(tmp_path):
         sources.read_beir(beir)
     data = sources.read_beir(beir, on_bad_record="skip")
     assert data.qrels == {"q1": {"d1": 1}}
-    (beir / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": ""}\n')
-    with pytest.raises(sources.BadRecord, match=r"corpus.jsonl:1: document 'd1' has an empty text"):
+    # An empty document is data (BEIR and pytrec_eval keep it); a wrong type is not.
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": ""}\n{"_id": "d2"}\n')
+    assert sources.read_beir(beir, on_bad_record="skip").corpus == {
+        "d1": {"title": "", "text": ""}, "d2": {"title": "", "text": ""}}
+    (beir / "corpus.jsonl").write_text('{"_id": "d1", "title": "", "text": ["x"]}\n')
+    with pytest.raises(sources.BadRecord, match=r"corpus.jsonl:1: document 'd1': 'title' and 'text'"):
         sources.read_beir(beir)
     with pytest.raises(FileNotFoundError, match=r"splits here: \['test'\]"):
         sources.read_beir(beir, split="dev")

@@ -103,6 +103,7 @@ def test_minilm_token_ids_match_the_hf_tokenizer(minilm_embedder):
 def test_minilm_embeddings_match_sentence_transformers_on_scifact(minilm_embedder):
     st = pytest.importorskip("sentence_transformers")
     texts = scifact_passages(200)
+    texts[3], texts[150] = "", "  "  # empty texts are data: embedded as sentence-transformers does
     ours = minilm_embedder.encode(texts, batch_size=64)
     model = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
     ref = model.encode(texts, batch_size=64, convert_to_numpy=True)
@@ -189,13 +190,18 @@ def test_read_texts_names_the_bad_line(tmp_path):
     cases = {
         "bad.jsonl": ('{"text": "a"}\n{"text": \n', r"bad.jsonl:2: not valid JSON"),
         "nofield.jsonl": ('{"text": "a"}\n{"body": "b"}\n', r"nofield.jsonl:2: .*'text'"),
-        "empty.txt": ("a\n\nb\n", r"empty.txt:2: empty text"),
+        "wrongtype.jsonl": ('{"text": "a"}\n{"text": 3}\n', r"wrongtype.jsonl:2: .*string field"),
         "in.csv": ("a\n", r"\.txt or \.jsonl"),
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_text(content)
         with pytest.raises(ValueError, match=message):
             read_texts(tmp_path / name)
+    # Empty texts are data and keep their row; a blank .jsonl line holds no record.
+    (tmp_path / "empty.txt").write_text("a\n\nb\n")
+    assert read_texts(tmp_path / "empty.txt") == ["a", "", "b"]
+    (tmp_path / "empty.jsonl").write_text('{"text": "a"}\n\n{"text": ""}\n')
+    assert read_texts(tmp_path / "empty.jsonl") == ["a", ""]
 
 
 def test_embed_cli_writes_the_same_vectors_as_the_api(tmp_path, minilm_embedder):

@@ -262,7 +262,8 @@ def write_tiny_beir(root):
     (root / "qrels").mkdir(parents=True)
     docs = {"d1": ("Cats", "Cats sleep most of the day."), "d2": ("Dogs", "Dogs bark at the mailman."),
             "d3": ("", "Photosynthesis turns light into sugar in plant leaves."),
-            "d4": ("Stars", "Stars fuse hydrogen into helium.")}
+            "d4": ("Stars", "Stars fuse hydrogen into helium."),
+            "d5": ("", "")}  # real BEIR corpora hold empty documents; they are data
     with open(root / "corpus.jsonl", "w") as f:
         for doc_id, (title, text) in docs.items():
             f.write(json.dumps({"_id": doc_id, "title": title, "text": text}) + "\n")
@@ -284,9 +285,11 @@ def test_cli_bm25_on_a_tiny_beir_dir(tmp_path):
     result = run_cli("--model", "bm25", "--data", str(tmp_path / "tiny"), "--output", str(out),
                      "--k", "3", "--batch-size", "8")  # hyphenated spelling accepted
     assert result.returncode == 0, result.stderr
-    assert "ndcg" in result.stdout and "2 queries, 4 documents" in result.stdout
+    assert "ndcg" in result.stdout and "2 queries, 5 documents (1 empty)" in result.stdout
+    assert "1 documents with an empty text, kept" in result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["metrics"]["ndcg@1"] == 1.0 and metrics["num_queries"] == 2
+    assert metrics["num_empty_documents"] == 1
     run = read_trec_run(out / "run.trec")
     assert set(run) == {"q1", "q2"} and next(iter(retrieval.rank_documents(run["q1"]))) == "d2"
 

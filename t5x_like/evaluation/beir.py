@@ -237,8 +237,9 @@ def main(argv):
         tag = "".join(c if not c.isspace() else "_" for c in model_dir.resolve().name)
     seconds = time.time() - start
     metrics = retrieval.evaluate(data.qrels, run)
+    empty_documents = sum(not data.passage(d).strip() for d in data.corpus)
     print(f"{FLAGS.model} on {data.path} ({FLAGS.split}): {len(query_ids)} queries, "
-          f"{len(data.corpus)} documents, {seconds:.1f} s")
+          f"{len(data.corpus)} documents ({empty_documents} empty), {seconds:.1f} s")
     print(retrieval.format_metrics(metrics))
     if FLAGS.output is not None:
         output = Path(FLAGS.output)
@@ -249,7 +250,8 @@ def main(argv):
             "batch_size", "dtype", "max_length")}
         _write_json(output / "metrics.json", {
             "metrics": metrics, "settings": settings, "num_queries": len(query_ids),
-            "num_documents": len(data.corpus), "seconds": round(seconds, 2)})
+            "num_documents": len(data.corpus), "num_empty_documents": empty_documents,
+            "seconds": round(seconds, 2)})
         print(f"wrote {output / 'metrics.json'} and {output / 'run.trec'}")
 
 
