@@ -136,10 +136,15 @@ def test_gathered_loss_over_eight_devices_equals_global_reference(devices, embed
     gq1, gp1 = jax.grad(loss, argnums=(0, 1))(jnp.asarray(q), jnp.asarray(p))
     np.testing.assert_allclose(np.asarray(gq), np.asarray(gq1), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(gp), np.asarray(gp1), rtol=1e-5, atol=1e-4)
-    # Another device's hard negatives do matter: perturb one on device 7, query 0's loss moves.
+    # Another device's hard negatives do matter: make one on device 7 look like query 0 (on
+    # device 0) and the sharded loss rises by what the reference says, query 0's share of it.
     p2 = p.copy()
     p2[15, 3] = _unit(q[0]) * 10
-    assert reference(q, p2, 100.0)[0] > reference(q, p, 100.0)[0] + 1
+    with jax.set_mesh(mesh):
+        moved = jax.jit(loss)(qs, jax.device_put(p2, NamedSharding(mesh, P("data"))))
+    rise = reference(q, p2, 100.0) - reference(q, p, 100.0)
+    assert rise[0] > 1 and rise[0] > 0.9 * rise.sum()
+    np.testing.assert_allclose(float(moved) - float(value), rise.sum(), rtol=1e-4)
 
 
 # ------------------------------------------------------------ gradient cache
