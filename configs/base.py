@@ -92,6 +92,9 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=32,  # global
         accumulation=1,  # micro-batches per step
         grad_cache_chunks=1,  # > 1: gradient caching with this many chunks
+        # dual encoder + accumulation > 1: accept that each micro-batch sees only its own
+        # in-batch negatives (grad_cache_chunks keeps the whole batch's)
+        micro_batch_negatives=False,
         dropout=True,
         log_every=10,
         checkpoint_every=1000,

@@ -13,6 +13,7 @@ builds) read an ml-collections config (``configs/base.py``) through these functi
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 from t5x_like.model_sources import resolve_model_dir, resolve_path
@@ -23,6 +24,7 @@ from t5x_like.objectives.contrastive import ContrastiveConfig
 from t5x_like.train_tasks import DualEncoderTask, LanguageModelTask
 
 TASKS = ("dual_encoder", "lm")
+log = logging.getLogger(__name__)
 
 
 def from_section(cls, section, name: str, drop: tuple[str, ...] = ()):
@@ -130,6 +132,17 @@ def check_config(cfg) -> None:
     if cfg.train.grad_cache_chunks > 1 and cfg.train.accumulation > 1:
         raise ValueError("config.train: use grad_cache_chunks or accumulation, not both "
                          "(gradient caching keeps every in-batch negative; accumulation does not)")
+    if cfg.task == "dual_encoder" and cfg.train.accumulation > 1:
+        micro = cfg.train.batch_size // cfg.train.accumulation
+        shrink = (f"config.train.accumulation={cfg.train.accumulation} scores each query against "
+                  f"its micro-batch's {micro} examples' passages, not the batch's "
+                  f"{cfg.train.batch_size}: fewer in-batch negatives")
+        if not cfg.train.micro_batch_negatives:
+            raise ValueError(f"{shrink}. Use config.train.grad_cache_chunks="
+                             f"{cfg.train.accumulation} instead (one chunk's activations at a "
+                             "time, every negative kept), or set "
+                             "config.train.micro_batch_negatives=True to accept it")
+        log.warning("%s (config.train.micro_batch_negatives=True)", shrink)
     if cfg.eval.beir_path:
         resolve_path(cfg.eval.beir_path, "eval.beir_path")
     if cfg.eval.lm_path:

@@ -2,6 +2,7 @@
 equals one that ran straight through, bit for bit; config errors come first and name fields."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -116,7 +117,7 @@ def test_cli_lists_valid_fields_for_a_misspelt_override(tmp_path):
     assert "batch_size" in out.stderr and "grad_cache_chunks" in out.stderr
 
 
-def test_config_errors_before_compute(tmp_path):
+def test_config_errors_before_compute(tmp_path, caplog):
     with pytest.raises(FileNotFoundError, match="config.data.path='no/such/dir'"):
         train.train(load("configs/e5_finetune.py:tiny", **{"data.path": "no/such/dir"}), tmp_path)
     with pytest.raises(ValueError, match=r"config.objective: .*temperature"):
@@ -124,4 +125,14 @@ def test_config_errors_before_compute(tmp_path):
     with pytest.raises(ValueError, match="accumulation"):
         train.train(load("configs/e5_finetune.py:tiny",
                          **{"train.accumulation": 2, "train.grad_cache_chunks": 2}), tmp_path)
+    # Accumulation would shrink the in-batch negatives from the batch to a micro-batch.
+    with pytest.raises(ValueError, match=r"micro-batch's 4 examples' .*grad_cache_chunks=2"):
+        train.train(load("configs/e5_finetune.py:tiny", **{"train.accumulation": 2,
+                                                          "train.batch_size": 8}), tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+    from t5x_like import run_config
+
+    with caplog.at_level(logging.WARNING):
+        run_config.check_config(load("configs/e5_finetune.py:tiny", **{
+            "train.accumulation": 2, "train.batch_size": 8, "train.micro_batch_negatives": True}))
+    assert "fewer in-batch negatives" in caplog.text
