@@ -42,6 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
         scan_layers=False,
         rope_theta=0.0,  # decoders: > 0 replaces the RoPE base (long-context ABF)
         max_position_embeddings=0,  # > 0 replaces the model's
+        # decoders: a non-empty rope_type replaces the model's RoPE scaling (context
+        # extension without training or with it): linear (position interpolation) | ntk
+        # | dynamic | yarn | llama3 | default. Fields left at 0 take Hugging Face's
+        # defaults; original_max_position_embeddings 0 means the model's own.
+        rope_scaling=_section(rope_type="", factor=0.0, original_max_position_embeddings=0,
+                              low_freq_factor=0.0, high_freq_factor=0.0, beta_fast=0.0,
+                              beta_slow=0.0, attention_factor=0.0),
     )
     c.pooling = ""  # mean | cls | last; empty: the model directory's setting, else mean / last
     # t5x_like.objectives.contrastive.ContrastiveConfig

@@ -9,6 +9,11 @@ of the context (adjusted base frequency: 10K at Llama-2's 4K, so 40K, 160K, 640K
 same tokens a step throughout (64 rows of 8K, 32 of 16K, 16 of 32K), 1000 steps a
 stage. Packed rows with document masking and per-document positions, chunked
 cross-entropy, full remat, bf16 compute, learning rate 2e-5 with 20 warmup steps.
+The data is a long / short mix as in ProLong: documents of at least a row's tokens at 60%
+(``data.long_fraction``), shorter ones at 40%, so short-context skills are kept.
+Extending by interpolation instead of a base change is a config change:
+``--config.stages.rope_theta_factor=1 --config.model.rope_scaling.rope_type=yarn
+--config.model.rope_scaling.factor=8`` (or ``linear``, ``llama3``, ``dynamic``).
 Context parallelism: ``--config.mesh.sequence=N`` splits every row over N devices with
 ring attention (``model.attention="ring"``, which is the chunked kernel when the sequence
 axis has one device), on top of fsdp over the rest.
@@ -36,6 +41,7 @@ def get_config(variant: str = "full"):
     c.lm.loss_chunk_size = 2048
     c.data.format = "text"
     c.data.length = 8192  # stage 0; doubled per stage
+    c.data.long_fraction = 0.6  # documents of >= a row's tokens (data.long_threshold=0)
     c.optimizer.learning_rate = 2e-5
     c.optimizer.warmup_steps = 20
     c.optimizer.decay = "constant"

@@ -20,6 +20,7 @@ from t5x_like.model_sources import resolve_model_dir, resolve_path
 from t5x_like.models.decoder import DecoderConfig
 from t5x_like.models.encoder import EncoderConfig
 from t5x_like.models.lora import LoraConfig
+from t5x_like.models.rope import ROPE_TYPES, RopeScaling
 from t5x_like.objectives.contrastive import ContrastiveConfig
 from t5x_like.train_tasks import DualEncoderTask, LanguageModelTask
 
@@ -78,10 +79,41 @@ def _with_overrides(cfg, config):
             raise ValueError(f"config.model.rope_theta={m.rope_theta} applies to decoders (RoPE) "
                              f"only; this model is a {type(config).__name__}")
         overrides["rope_theta"] = m.rope_theta
+    scaling = rope_scaling_override(m.rope_scaling, config)
+    if scaling is not None:
+        overrides["rope_scaling"] = scaling
     try:
         return dataclasses.replace(config, **overrides)
     except ValueError as e:
         raise ValueError(f"config.model: {e}") from None
+
+
+def rope_scaling_override(section, config) -> RopeScaling | None:
+    """``config.model.rope_scaling`` as a ``RopeScaling``, or None to keep the model's.
+
+    Unset (0) fields take Hugging Face's defaults; an unset
+    ``original_max_position_embeddings`` becomes the model's own context, which is what
+    yarn and llama3 extend from."""
+    values = section.to_dict()
+    rope_type = values.pop("rope_type")
+    set_fields = {k: v for k, v in values.items() if v}
+    if not rope_type:
+        if set_fields:
+            raise ValueError(f"config.model.rope_scaling: {sorted(set_fields)} set without rope_type; "
+                             f"choose one of {ROPE_TYPES}")
+        return None
+    if not isinstance(config, DecoderConfig):
+        raise ValueError(f"config.model.rope_scaling.rope_type={rope_type!r} applies to decoders "
+                         f"(RoPE) only; this model is a {type(config).__name__}")
+    if rope_type != "default" and not set_fields.get("factor"):
+        raise ValueError(f"config.model.rope_scaling.rope_type={rope_type!r} needs "
+                         "config.model.rope_scaling.factor > 0 (new context / original)")
+    if rope_type in ("yarn", "llama3"):
+        set_fields.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    try:
+        return RopeScaling(rope_type=rope_type, **set_fields)
+    except ValueError as e:
+        raise ValueError(f"config.model.{e}") from None
 
 
 def tokenizer_path(cfg, model_dir: Path | None) -> Path:

@@ -56,6 +56,7 @@ def test_staged_long_context_recipe_runs_every_stage_from_the_last(devices, tmp_
         assert (config.rope_theta, config.max_position_embeddings) == (theta, int(name[7:]))
         resolved = json.loads((stage / "config.json").read_text())
         assert resolved["train"]["batch_size"] == rows  # the same tokens a step
+        assert resolved["data"]["long_fraction"] == 0.6  # the long / short mix, per stage
         assert checkpoints.Checkpointer(stage / "checkpoints").all_steps() == [2, 3]
     # stage 1 began from stage 0's trained weights, not from a fresh model
     start = json.loads((tmp_path / "stage1_256" / "config.json").read_text())["model"]["pretrained"]

@@ -155,7 +155,7 @@ def config_to_hf(config: models.ModelConfig) -> dict[str, Any]:
             "hidden_act": "silu",
             "max_position_embeddings": config.max_position_embeddings,
             "rms_norm_eps": config.norm_eps,
-            "rope_parameters": config.rope_scaling.to_hf(config.rope_theta),
+            "rope_parameters": _hf_rope_parameters(config),
             "tie_word_embeddings": config.tie_embeddings,
             "attention_bias": False,
         }
@@ -168,6 +168,17 @@ def config_to_hf(config: models.ModelConfig) -> dict[str, Any]:
             out["max_window_layers"] = 0
         return out
     raise TypeError(f"config_to_hf: unsupported config {type(config).__name__}")
+
+
+def _hf_rope_parameters(config) -> dict:
+    """``rope_parameters`` in a form transformers reads. Static NTK (``ntk``) is not a
+    transformers rope_type; it is exactly a base change, so it is written as the default
+    type with the changed base (same frequencies; it reloads as ``default``)."""
+    scaling = config.rope_scaling
+    if scaling.rope_type == "ntk":
+        theta = rope.ntk_theta(config.rope_theta, scaling.factor, config.head_dim)
+        return rope.RopeScaling().to_hf(theta)
+    return scaling.to_hf(config.rope_theta)
 
 
 def read_hf_config(path: str | Path) -> dict[str, Any]:

@@ -67,16 +67,30 @@ class RopeScaling:
         return cls(**kwargs)
 
     def to_hf(self, theta: float) -> dict:
+        """Fields that differ from the defaults, plus those transformers requires of the type
+        (it refuses a llama3 ``rope_parameters`` without ``low_freq_factor``)."""
         out = {"rope_type": self.rope_type, "rope_theta": theta}
         if self.rope_type != "default":
             defaults = RopeScaling()
+            required = _HF_REQUIRED.get(self.rope_type, ())
             for f in dataclasses.fields(self):
                 value = getattr(self, f.name)
                 if f.name != "rope_type" and value is not None and (
-                    f.name == "factor" or value != getattr(defaults, f.name)
+                    f.name in required or value != getattr(defaults, f.name)
                 ):
                     out[f.name] = value
         return out
+
+
+_HF_REQUIRED = {"linear": ("factor",), "ntk": ("factor",), "dynamic": ("factor",),
+                "yarn": ("factor",),
+                "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+                           "high_freq_factor")}
+
+
+def ntk_theta(theta: float, factor: float, head_dim: int) -> float:
+    """Static NTK-aware scaling is this base change."""
+    return theta * factor ** (head_dim / (head_dim - 2))
 
 
 def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
@@ -97,7 +111,7 @@ def scaled_frequencies(
     if s.rope_type == "linear":
         return inverse_frequencies(head_dim, theta) / s.factor, 1.0
     if s.rope_type == "ntk":
-        return inverse_frequencies(head_dim, theta * s.factor ** (head_dim / (head_dim - 2))), 1.0
+        return inverse_frequencies(head_dim, ntk_theta(theta, s.factor, head_dim)), 1.0
     if s.rope_type == "llama3":
         return _llama3(inverse_frequencies(head_dim, theta), s, original), 1.0
     return _yarn(head_dim, theta, s, original)
