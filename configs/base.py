@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
         on_nonfinite="error",  # error | skip
         peak_flops_per_device=0.0,  # 0: from the device kind (for MFU)
         stop_after=0,  # > 0: save and stop after this many steps (a later run resumes)
+        # resuming with another model / data shape than the checkpoint's is refused, other
+        # changes warned about (t5x_like.resume_check); True lets both through
+        allow_config_change=False,
         export=False,  # write the final model as a Hugging Face directory (LoRA merged)
     )
     # t5x_like.stages: num > 0 makes the run a recipe of num LM stages, each from the last;

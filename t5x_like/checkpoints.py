@@ -11,15 +11,21 @@ Each step directory holds three items:
 
 Saves are asynchronous (the next steps run while arrays are written) and
 atomic (orbax writes a temporary directory and renames it), so a crash
-mid-save never leaves a step that looks complete. ``PreemptionWatcher`` turns
+mid-save never leaves a step that looks complete. A step damaged afterwards
+(a truncated or deleted file) is passed over on resume by
+``restore_latest_readable``, which moves it aside, never deleting it. ``PreemptionWatcher`` turns
 SIGTERM into a request to save and stop at the next step boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
+import shutil
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +71,32 @@ def _resumable(data) -> bool:
 
 
 # ------------------------------------------------------------------ checkpointer
+
+
+class CheckpointUnreadable(RuntimeError):
+    """No checkpoint of a run can be restored; the message says which, why and what to do."""
+
+
+@contextlib.contextmanager
+def _unraisable_to_debug_log():
+    """A failed orbax read leaves sibling read coroutines whose errors nobody awaits;
+    Python prints each as "Exception ignored in ..." with a traceback when they are
+    collected. The failure is already reported once, so they go to the debug log."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda info: log.debug("after a failed read: %s", info.exc_value)
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = previous
+
+
+def _first_line(error: BaseException) -> str:
+    """The root cause's first line: orbax wraps TensorStore's own (``OUT_OF_RANGE: ...``)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Checkpointer:
@@ -123,6 +155,62 @@ class Checkpointer:
             items["data"] = DataIteratorRestore(data)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
+
+    def restore_latest_readable(self, abstract_state, *, data=None):
+        """``(state, step)`` from the newest step that restores.
+
+        Newer steps that fail to read (a truncated or missing file) are logged and moved
+        to ``<directory>.unreadable/`` once an older one has restored, so the next save
+        does not stack on them; nothing is deleted. When no step restores, nothing is
+        moved (the cause may be the run, not the files) and ``CheckpointUnreadable``
+        names every step and its error."""
+        failures: list[tuple[int, BaseException]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                with _unraisable_to_debug_log():
+                    state = self.restore(abstract_state, data=data, step=step)
+            except Exception as e:  # tensorstore, orbax and OS errors alike
+                log.warning("%s/%d cannot be read (%s); trying the previous checkpoint",
+                            self.directory, step, _first_line(e))
+                failures.append((step, e))
+                continue
+            for bad, error in failures:
+                moved = self._move_aside(bad)
+                log.warning("resuming from step %d: step %d could not be read (%s); moved it to %s",
+                            step, bad, _first_line(error), moved)
+            return state, step
+        steps = "; ".join(f"step {step}: {_first_line(e)}" for step, e in failures)
+        raise CheckpointUnreadable(
+            f"no checkpoint in {self.directory} can be restored ({steps}). Nothing was moved or "
+            "deleted. If the files are damaged, move those step directories out of "
+            f"{self.directory} (the run then starts afresh) or use a new --workdir; if the model "
+            "changed since they were written, resume with the config stored beside them "
+            f"({self.directory.parent / 'config.json'}).")
+
+    def _move_aside(self, step: int) -> Path:
+        """``directory/step`` into ``directory.unreadable/`` (a new name if taken)."""
+        target_dir = self.directory.with_name(self.directory.name + ".unreadable")
+        target = target_dir / str(step)
+        if jax.process_index() == 0:
+            target_dir.mkdir(exist_ok=True)
+            suffix = 1
+            while target.exists():
+                target, suffix = target_dir / f"{step}.{suffix}", suffix + 1
+            shutil.move(str(self.directory / str(step)), str(target))
+        self.manager.reload()
+        return target
+
+    def stored_config(self) -> tuple[int, dict] | None:
+        """``(step, config)`` of the newest step whose config item reads, or None."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if "config" not in self._item_names(step):
+                continue
+            try:
+                with _unraisable_to_debug_log():
+                    return step, self.restore_config(step)
+            except Exception as e:  # a damaged step: restore_latest_readable reports it
+                log.debug("%s/%d: config unreadable (%s)", self.directory, step, _first_line(e))
+        return None
 
     def restore_config(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -3,7 +3,9 @@
 Every field of the config (see ``configs/base.py``) can be overridden with
 ``--config.SECTION.FIELD=VALUE``; a misspelt field is an error that lists the
 valid ones. A work directory that already holds checkpoints resumes from the
-latest (parameters, optimizer, step, RNG and the data iterator's position).
+newest readable one (parameters, optimizer, step, RNG and the data iterator's
+position; an unreadable newer step is moved aside), after comparing the config
+with the stored one (``t5x_like.resume_check``).
 The resolved config is written to ``WORKDIR/config.json`` and into every
 checkpoint; metrics go to ``WORKDIR/metrics.jsonl`` and ``WORKDIR/tensorboard``.
 """
@@ -26,6 +28,7 @@ from t5x_like.eval_hooks import beir_hook, perplexity_hook
 from t5x_like.export import export_model
 from t5x_like.metrics import MetricsWriter, plot_curves
 from t5x_like.model_sources import resolve_path
+from t5x_like.resume_check import check_resume
 from t5x_like.run_config import (
     build_task,
     check_config,
@@ -66,6 +69,16 @@ def train(cfg, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = json.loads(cfg.to_json_best_effort())
+    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
+                                    save_every=cfg.train.checkpoint_every,
+                                    async_save=cfg.train.async_checkpoints)
+    stored = ckpt.stored_config()
+    if stored is not None:  # before config.json is replaced, so the error can point to it
+        try:
+            check_resume(stored[1], resolved, f"{ckpt.directory}/{stored[0]}")
+        except ValueError:
+            ckpt.close()
+            raise
     if jax.process_index() == 0:
         paths.write_json_atomic(workdir / "config.json", resolved)
 
@@ -88,12 +101,9 @@ def train(cfg, workdir: str | Path) -> dict:
         steps = math.ceil(cfg.train.epochs * examples / cfg.train.batch_size)
     trainer = make_trainer(cfg, task, mesh, steps)
 
-    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
-                                    save_every=cfg.train.checkpoint_every,
-                                    async_save=cfg.train.async_checkpoints)
     if ckpt.latest_step() is not None:
-        print(f"resuming from {ckpt.directory}/{ckpt.latest_step()}")
-        state = ckpt.restore(trainer.abstract_state, data=data)
+        state, step = ckpt.restore_latest_readable(trainer.abstract_state, data=data)
+        print(f"resuming from {ckpt.directory}/{step}")
     else:
         state = trainer.init_state(host_params)
     del host_params
