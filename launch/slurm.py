@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_command, howev
 from fit_check import check_fit, gpu_target  # noqa: E402
 from train_command import REPO_ROOT, LaunchError, check_config, check_env, check_overrides, train_argv  # noqa: E402
 
+from t5x_like import cli  # noqa: E402
+
 TEMPLATE = Path(__file__).resolve().parent / "slurm_template.sbatch"
 EXAMPLES = """\
 examples:
@@ -178,7 +180,7 @@ def check_args(args, extra: list[str]) -> None:
 # ---------------------------------------------------------------- command line
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slurm.py", description=__doc__, epilog=EXAMPLES,
+    parser = cli.ArgumentParser(prog="slurm.py", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     alloc = parser.add_argument_group("allocation")
     alloc.add_argument("--nodes", type=int, required=True, help="hosts (one process each)")

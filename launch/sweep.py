@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from t5x_like import cli
 from t5x_like.paths import write_text_atomic
 from t5x_like.run_dirs import final_results, is_completed, last_logged, read_json, read_results
 
@@ -461,7 +462,7 @@ def run_local(sweep: Sweep, dry_run: bool, echo: bool) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="python launch/sweep.py", description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="ml-collections config FILE[:ARG] (default: CONFIG of the sweep file)")
@@ -511,8 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sweep: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except SweepError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: sweep: {e}", file=sys.stderr)
+        return cli.USAGE_EXIT
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ from train_command import (  # noqa: E402
     train_argv,
 )
 
+from t5x_like import cli  # noqa: E402
+
 EXAMPLES = """\
 examples:
   # everything in one go: create a v5e slice of 16 chips, copy, install, start training
@@ -268,7 +270,7 @@ def execute(commands: list[list[str]], dry_run: bool) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="tpu_vm.py", description=__doc__, epilog=EXAMPLES,
+    parser = cli.ArgumentParser(prog="tpu_vm.py", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from t5x_like import config_cli, fit, paths
+from t5x_like import cli, config_cli, fit, paths
 
 FLAGS = flags.FLAGS
-DOES_NOT_FIT, USAGE = 1, 2
+DOES_NOT_FIT, USAGE = 1, cli.USAGE_EXIT
 
 
 def define_flags() -> None:
@@ -99,11 +99,7 @@ def main(argv) -> int:
 
 
 def _parse(argv: list[str]) -> list[str]:
-    argv = [_underscored(a) for a in argv]
-    try:
-        return config_cli.parse_flags(argv)
-    except (app.UsageError, flags.Error) as e:
-        _usage_error(e)
+    return config_cli.parse_flags([_underscored(a) for a in argv])
 
 
 def _underscored(arg: str) -> str:
@@ -114,19 +110,10 @@ def _underscored(arg: str) -> str:
     return arg
 
 
-def _usage_error(e: Exception):
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(USAGE)
-
-
 def _main(argv) -> None:
-    try:
-        code = main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        _usage_error(e)
-    sys.exit(code)
+    sys.exit(main(argv))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(_main, flags_parser=_parse)
+    cli.run_absl(_main, _parse)

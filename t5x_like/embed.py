@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
+from t5x_like import cli
 from t5x_like.model_sources import resolve_model_dir
 from t5x_like.models.pooling import POOLINGS
 
@@ -121,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -19,8 +19,8 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
+from t5x_like import cli, paths
 from t5x_like import partitioning as part
-from t5x_like import paths
 from t5x_like.data import packing, text
 from t5x_like.models.decoder import Decoder, DecoderConfig, count_params
 
@@ -123,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

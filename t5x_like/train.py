@@ -22,7 +22,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from t5x_like import checkpoints, config_cli, distributed, paths, stages
+from t5x_like import checkpoints, cli, config_cli, distributed, paths, stages
 from t5x_like import partitioning as part
 from t5x_like.eval_hooks import beir_hook, perplexity_hook
 from t5x_like.export import export_model
@@ -69,13 +69,13 @@ def train(cfg, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     resolved = json.loads(cfg.to_json_best_effort())
-    ckpt = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
-                                    save_every=cfg.train.checkpoint_every,
-                                    async_save=cfg.train.async_checkpoints)
-    stored = ckpt.stored_config()
-    if stored is not None:  # before config.json is replaced, so the error can point to it
+    ckpt = None
+    if (workdir / "checkpoints").is_dir():  # before config.json is replaced: errors point to it
+        ckpt = open_checkpointer(cfg, workdir)
+        stored = ckpt.stored_config()
         try:
-            check_resume(stored[1], resolved, f"{ckpt.directory}/{stored[0]}")
+            if stored is not None:
+                check_resume(stored[1], resolved, f"{ckpt.directory}/{stored[0]}")
         except ValueError:
             ckpt.close()
             raise
@@ -101,6 +101,7 @@ def train(cfg, workdir: str | Path) -> dict:
         steps = math.ceil(cfg.train.epochs * examples / cfg.train.batch_size)
     trainer = make_trainer(cfg, task, mesh, steps)
 
+    ckpt = ckpt or open_checkpointer(cfg, workdir)
     if ckpt.latest_step() is not None:
         state, step = ckpt.restore_latest_readable(trainer.abstract_state, data=data)
         print(f"resuming from {ckpt.directory}/{step}")
@@ -146,6 +147,12 @@ def train(cfg, workdir: str | Path) -> dict:
     return results
 
 
+def open_checkpointer(cfg, workdir: Path) -> checkpoints.Checkpointer:
+    return checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=cfg.train.keep_checkpoints,
+                                    save_every=cfg.train.checkpoint_every,
+                                    async_save=cfg.train.async_checkpoints)
+
+
 def print_results(results: dict) -> None:
     rows = [(name, results[name]) for name in ("bm25", "before", "after") if name in results]
     if not rows:
@@ -174,4 +181,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=config_cli.parse_flags)
+    cli.run_absl(main, config_cli.parse_flags)

@@ -27,7 +27,6 @@ CLI: ``python -m t5x_like.convert.gguf --input FILE.gguf --output DIR``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import importlib.util
@@ -493,7 +492,9 @@ def find_gguf(directory: str | Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    from t5x_like import cli
+
+    parser = cli.ArgumentParser(
         prog="python -m t5x_like.convert.gguf",
         description="Convert a GGUF file (llama.cpp) into a Hugging Face model directory.")
     parser.add_argument("--input", required=True, help="the .gguf file")
@@ -501,11 +502,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="write weights and config only (for tokenizers this module cannot rebuild)")
     args = parser.parse_args(argv)
-    try:
-        out = gguf_to_hf(args.input, args.output, tokenizer=not args.no_tokenizer)
-    except (CheckpointError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    print(out)
+    print(cli.guarded(gguf_to_hf)(args.input, args.output, tokenizer=not args.no_tokenizer))
 
 
 if __name__ == "__main__":

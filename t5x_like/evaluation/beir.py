@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags
 
+from t5x_like import cli
 from t5x_like.data import mining
 from t5x_like.data.sources import BeirData
 from t5x_like.evaluation import retrieval
@@ -257,4 +258,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    cli.run_absl(main, _parse_flags)

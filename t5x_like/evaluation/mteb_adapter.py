@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from absl import app, flags
 
+from t5x_like import cli
 from t5x_like.embedder import E5_PASSAGE_PREFIX, E5_QUERY_PREFIX
 
 STYLES = ("e5", "e5-instruct", "none")
@@ -258,4 +259,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run_absl(main)

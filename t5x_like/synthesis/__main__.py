@@ -13,7 +13,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from t5x_like import config_cli
+from t5x_like import cli, config_cli
 from t5x_like.model_sources import resolve_model_dir, resolve_path
 from t5x_like.run_config import from_section
 from t5x_like.synthesis.lm import HTTPLM, LocalLM, tokenizer_counter
@@ -117,4 +117,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=config_cli.parse_flags)
+    cli.run_absl(main, config_cli.parse_flags)

@@ -3,8 +3,9 @@
 import logging
 import sys
 
+from t5x_like.cli import guarded
 from t5x_like.evaluation.long_context.cli import main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    main(sys.argv[1:])
+    guarded(main)(sys.argv[1:])

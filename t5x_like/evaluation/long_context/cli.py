@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from t5x_like.cli import ArgumentParser
 from t5x_like.evaluation.long_context.books import book_files, document_tokens, read_book
 from t5x_like.evaluation.long_context.plots import plot_grid, plot_perplexity, save_figure, write_json
 from t5x_like.evaluation.long_context.prompts import NeedlePrompts, PasskeyPrompts, PieceTokenizer
@@ -27,7 +28,7 @@ COMMANDS = ("passkey", "niah", "perplexity")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m t5x_like.evaluation.long_context",
         description="Long-context probes (passkey, needle in a haystack, perplexity vs length) "
                     "for a Hugging Face decoder directory.")
