@@ -127,6 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
         beir_path="",  # dual encoder: a BEIR directory for nDCG@10
         split="test",
         max_queries=0,  # 0: all
+        # with max_queries: > 0 keeps only the kept queries' judged documents plus this many
+        # others drawn at random (quick checks; not the full task's scores); 0: every document
+        extra_documents=0,
         bm25=False,  # also report the BM25 baseline on the same queries
         k=100,
         batch_size=64,

@@ -1,5 +1,7 @@
 """The long-context recipe at CPU scale: a small decoder pre-trained at 512 tokens, extended
-to 2048 (4x). Arg: pretrain | extend. ``bench/long_context_demo.py`` runs both and the probes.
+to 2048 (4x). Arg: pretrain | extend | tiny. ``bench/long_context_demo.py`` runs the first
+two and the probes; ``tiny`` is the pretrain run at test scale (a 2-layer d 64 decoder, the
+Llama-2 vocabulary, 128-token rows, 3 steps) on the shared books.
 
     python bench/long_context_demo.py --workdir runs/long_context_demo
 
@@ -59,6 +61,24 @@ def get_config(variant: str = "pretrain"):
         c.train.checkpoint_every = 30
         c.optimizer.learning_rate = 5e-4
         c.optimizer.warmup_steps = 5
+    elif variant == "tiny":
+        c.model.config = base._section(
+            model_type="llama", vocab_size=32000, embed_dim=64, num_layers=2, num_heads=4,
+            num_kv_heads=2, head_dim=16, mlp_dim=128, tie_embeddings=True,
+            rope_theta=10_000.0, max_position_embeddings=128)
+        c.model.tokenizer = "tokenizers/llama2.model"
+        c.target = "cpu"
+        c.data.path = "text/gutenberg"
+        c.data.length = 128
+        c.lm.loss_chunk_size = 64
+        c.train.steps = 3
+        c.train.log_every = 1
+        c.train.checkpoint_every = 2
+        c.train.keep_checkpoints = 2
+        c.eval.lm_path = "text/tinyshakespeare.txt"
+        c.eval.lm_batches = 2
+        c.optimizer.learning_rate = 3e-3
+        c.optimizer.warmup_steps = 1
     else:
-        raise ValueError(f"configs/long_context_demo.py:{variant}: choose pretrain or extend")
+        raise ValueError(f"configs/long_context_demo.py:{variant}: choose pretrain, extend or tiny")
     return c

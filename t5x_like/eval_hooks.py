@@ -34,7 +34,9 @@ def beir_hook(cfg, task, model_config, tok_dir, workdir, trainer) -> tuple[EvalH
 
     e = cfg.eval
     data = read_beir(resolve_path(e.beir_path, "eval.beir_path"), e.split)
-    query_ids = sorted(data.qrels)[: e.max_queries or None]
+    if e.max_queries:
+        data = data.subset(e.max_queries, e.extra_documents or None)
+    query_ids = sorted(data.qrels)
     hf_config = read_hf_config(tok_dir) if (tok_dir / "config.json").exists() else None
     # Several processes: each evaluates alone on its first local device (no collectives to
     # hang on); only process 0 writes the embedding cache.

@@ -177,6 +177,9 @@ def check_config(cfg) -> None:
         log.warning("%s (config.train.micro_batch_negatives=True)", shrink)
     if cfg.eval.beir_path:
         resolve_path(cfg.eval.beir_path, "eval.beir_path")
+    if cfg.eval.extra_documents and not cfg.eval.max_queries:
+        raise ValueError(f"config.eval.extra_documents={cfg.eval.extra_documents} needs "
+                         "config.eval.max_queries > 0 (the queries whose documents it keeps)")
     if cfg.eval.lm_path:
         resolve_path(cfg.eval.lm_path, "eval.lm_path")
 

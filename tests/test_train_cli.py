@@ -16,7 +16,8 @@ from t5x_like.metrics import read_jsonl
 load = config_cli.load_with_overrides
 
 
-@pytest.mark.parametrize("spec", ["configs/e5_pretrain.py:tiny", "configs/e5_mistral_lora.py:tiny"])
+@pytest.mark.parametrize("spec", ["configs/e5_pretrain.py:tiny", "configs/e5_mistral_lora.py:tiny",
+                                  "configs/long_context_demo.py:tiny"])
 def test_tiny_configs_train(devices, tmp_path, spec):
     lora = "lora" in spec
     results = train.train(load(spec, **({"train.export": True} if lora else {})), tmp_path)
@@ -126,6 +127,8 @@ def test_config_errors_before_compute(tmp_path, caplog):
     with pytest.raises(ValueError, match="accumulation"):
         train.train(load("configs/e5_finetune.py:tiny",
                          **{"train.accumulation": 2, "train.grad_cache_chunks": 2}), tmp_path)
+    with pytest.raises(ValueError, match=r"eval.extra_documents=5 needs config.eval.max_queries"):
+        train.train(load("configs/e5_finetune.py:tiny", **{"eval.extra_documents": 5}), tmp_path)
     # Accumulation would shrink the in-batch negatives from the batch to a micro-batch.
     with pytest.raises(ValueError, match=r"micro-batch's 4 examples' .*grad_cache_chunks=2"):
         train.train(load("configs/e5_finetune.py:tiny", **{"train.accumulation": 2,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -99,6 +100,22 @@ class BeirData:
         """Title and text joined as BEIR's dense models read them."""
         doc = self.corpus[doc_id]
         return f"{doc['title']} {doc['text']}".strip() if doc["title"] else doc["text"]
+
+    def subset(self, max_queries: int, extra_documents: int | None = None,
+               seed: int = 0) -> "BeirData":
+        """The first ``max_queries`` judged queries (sorted by id). ``extra_documents``
+        None keeps the whole corpus; a number keeps those queries' judged documents plus
+        that many others drawn at random (quick checks: scores are not the full task's)."""
+        query_ids = sorted(self.qrels)[:max_queries]
+        qrels = {q: self.qrels[q] for q in query_ids}
+        corpus = self.corpus
+        if extra_documents is not None:
+            judged = sorted({d for q in query_ids for d in qrels[q]})
+            others = sorted(set(self.corpus) - set(judged))
+            random.Random(seed).shuffle(others)
+            corpus = {d: self.corpus[d] for d in judged + others[:extra_documents]}
+        queries = {q: self.queries[q] for q in query_ids}
+        return dataclasses.replace(self, corpus=corpus, queries=queries, qrels=qrels)
 
 
 def read_corpus(path: Path, on_bad_record: str = "error") -> dict[str, dict[str, str]]:

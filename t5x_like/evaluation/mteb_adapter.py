@@ -28,7 +28,6 @@ itself never needs it.
 from __future__ import annotations
 
 import dataclasses
-import random
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -190,18 +189,13 @@ def beir_task(path: str | Path, *, split: str = "test", name: str | None = None,
 
 
 def _subset(data, max_queries, extra_documents, seed) -> tuple[list[str], list[str]]:
-    query_ids = sorted(data.qrels)
     if max_queries is None:
         if extra_documents is not None:
             raise ValueError("beir_task: extra_documents needs max_queries")
-        return query_ids, list(data.corpus)
-    query_ids = query_ids[:max_queries]
-    judged = sorted({d for q in query_ids for d in data.qrels[q]})
-    if extra_documents is None:
-        return query_ids, judged
-    others = sorted(set(data.corpus) - set(judged))
-    random.Random(seed).shuffle(others)
-    return query_ids, judged + others[:extra_documents]
+        return sorted(data.qrels), list(data.corpus)
+    # Without extra_documents mteb's quick task keeps only the judged documents.
+    kept = data.subset(max_queries, extra_documents or 0, seed)
+    return sorted(kept.qrels), list(kept.corpus)
 
 
 # ------------------------------------------------------------------------ CLI
