@@ -23,6 +23,7 @@ LAYERS = {
     "t5x_like.run_dirs": 0, "t5x_like.partitioning": 0, "t5x_like.kernels": 0,
     "t5x_like.targets": 0, "t5x_like.metrics": 0, "t5x_like.checkpoints": 0,
     "t5x_like.distributed": 0, "t5x_like.config_cli": 0, "t5x_like.peak_flops": 0,
+    "t5x_like.cli": 0,
     # 1: models
     "t5x_like.models": 1,
     # 2: objectives, and the formats and sources models are read from
@@ -35,6 +36,7 @@ LAYERS = {
     # 4: the run layer: a config turned into a run
     "t5x_like.run_config": 4, "t5x_like.eval_hooks": 4, "t5x_like.export": 4,
     "t5x_like.stages": 4, "t5x_like.compile_report": 4, "t5x_like.fit": 4,
+    "t5x_like.resume_check": 4,
     # 5: the command lines built on all of it
     "t5x_like.train": 5, "t5x_like.compile": 5, "t5x_like.embed": 5, "t5x_like.main": 5,
     "t5x_like.synthesis.__main__": 5,
