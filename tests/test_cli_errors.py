@@ -79,6 +79,7 @@ def outcomes(tmp_path_factory):
     "embed missing input", "embed malformed record", "beir malformed corpus",
     "compile unknown target", "gguf missing file", "long-context missing model",
     "synthesis misspelt field", "launcher missing flags", "sweep misspelt field"])
+@pytest.mark.slow
 def test_user_error_is_one_line_with_status_2(outcomes, name):
     result, expected = outcomes[name]
     assert result.returncode == 2, result.stderr[-3000:]

@@ -189,6 +189,7 @@ def test_kernel_refuses_heads_that_do_not_divide_the_mesh():
      ("h100:8", {"data": 2, "sequence": 4}, "ring")],
     ids=["v5e-sequence4-pallas", "h100x8-data2-sequence4-ring"],
 )
+@pytest.mark.slow
 def test_sequence_split_compiles_as_a_ring(target, layout, implementation):
     """Ring attention over `sequence` compiles for the chips; Pallas on such a mesh
     becomes the ring (a kernel on a length shard would miss the other keys)."""
@@ -278,6 +279,7 @@ def _attention_activations(batch: int, length: int, heads: int) -> set[tuple[int
     [("v5e:2x2", {"data": 4}), ("v5p:2x2x1", {"data": 1, "fsdp": 4}), ("h100:8", {"data": 8})],
     ids=["v5e-data4", "v5p-fsdp4", "h100x8-data8"],
 )
+@pytest.mark.slow
 def test_decoder_train_step_with_pallas_compiles(target, layout):
     """The whole LM step (forward, backward, AdamW), packed rows, scanned layers, full
     remat: compiled, each device's kernels on its rows, no q / k / v gathered."""
@@ -309,6 +311,7 @@ def test_decoder_train_step_with_pallas_compiles(target, layout):
     [("v5e:2x2", {"data": 2, "tensor": 2}), ("h100:8", {"data": 8})],
     ids=["v5e-data2-tensor2", "h100x8-data8"],
 )
+@pytest.mark.slow
 def test_dual_encoder_train_step_with_pallas_compiles(target, layout):
     """The contrastive step (queries and passages with a hard negative, negatives
     gathered across devices): the kernels run on each device's rows and heads."""
@@ -394,6 +397,7 @@ def test_hopper_is_recognised_from_an_abstract_mesh():
         pallas_gpu._check_hopper()
 
 
+@pytest.mark.slow
 def test_trainer_initialises_a_pallas_model_outside_the_mesh(devices):
     """The init example (one row, no mesh) runs the plain attention: parameters do not
     depend on the backend, and a per-device kernel there would meet the whole program."""

@@ -94,6 +94,7 @@ def llama_cpp_tokenize(gguf_path):
 # ------------------------------------------------------------------------ config and weights
 
 
+@pytest.mark.slow
 def test_config_from_metadata(ours, hf_dir):
     config = ours[0]
     assert (config.model_type, config.num_layers, config.embed_dim, config.num_heads,
@@ -105,6 +106,7 @@ def test_config_from_metadata(ours, hf_dir):
     assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (1, 2, 2)
 
 
+@pytest.mark.slow
 def test_load_gguf_equals_the_converted_directory(gguf_path, ours, hf_dir, cache):
     config, params = conv.load_gguf(gguf_path)
     assert config == ours[0]
@@ -132,6 +134,7 @@ def test_unpermute_inverts_llama_cpp_rope_order():
 # ------------------------------------------------------------------------ against transformers
 
 
+@pytest.mark.slow
 def test_logits_match_transformers(ours, reference):
     config, params, _ = ours
     model, tok = reference
@@ -154,6 +157,7 @@ def test_logits_match_transformers(ours, reference):
         np.testing.assert_array_equal(got[i, :n].argmax(-1), want[i, :n].argmax(-1))
 
 
+@pytest.mark.slow
 def test_greedy_generation_matches_transformers(ours, reference):
     config, params, tokenizer = ours
     model, tok = reference

@@ -68,6 +68,7 @@ def contrastive_batches(name, examples, vocab, spec, seed=0, batch=8, mesh=None)
         {"query": spec.query_length, "passages": spec.passage_length}, batch, mesh, seed=seed)
 
 
+@pytest.mark.slow
 def test_scifact_contrastive_batches_pair_queries_with_their_qrels_positives(
         scifact_train, bert_vocab, devices):
     negatives = mining.bm25_negatives(scifact_train, sorted(scifact_train.qrels), depth=10)
@@ -161,6 +162,7 @@ def assert_same(a, b):
             np.testing.assert_array_equal(x[k], y[k])
 
 
+@pytest.mark.slow
 def test_contrastive_iteration_is_deterministic_and_resumable(tmp_path, scifact_train, bert_vocab):
     examples = tasks.beir_examples(scifact_train, None, num_negatives=1)[:200]
     spec = tasks.ContrastiveSpec(24, 32)
@@ -235,6 +237,7 @@ def test_packed_lm_iteration_resumes_exactly(tmp_path, llama_vocab):
     assert any(r["segment_ids"].max() > 1 for r in expected)  # short documents were packed
 
 
+@pytest.mark.slow
 def test_long_short_mixture_hits_its_rate(llama_vocab):
     # Three books give ~1,500 long pieces of 1,024 tokens: the 2,000 draws need about one
     # epoch of each task, so the books are not tokenized over and over.

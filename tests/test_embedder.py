@@ -100,6 +100,7 @@ def test_minilm_token_ids_match_the_hf_tokenizer(minilm_embedder):
     assert max(len(x) for x in expected) == 256  # truncation was exercised
 
 
+@pytest.mark.slow
 def test_minilm_embeddings_match_sentence_transformers_on_scifact(minilm_embedder):
     st = pytest.importorskip("sentence_transformers")
     texts = scifact_passages(200)
@@ -204,6 +205,7 @@ def test_read_texts_names_the_bad_line(tmp_path):
     assert read_texts(tmp_path / "empty.jsonl") == ["a", ""]
 
 
+@pytest.mark.slow
 def test_embed_cli_writes_the_same_vectors_as_the_api(tmp_path, minilm_embedder):
     texts = scifact_passages(5)
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
@@ -234,6 +236,7 @@ def multilingual_e5_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_multilingual_e5_matches_transformers_mean_pooling(multilingual_e5_dir):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")

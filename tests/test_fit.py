@@ -48,6 +48,7 @@ def compile_cli(*args):
     pytest.param("configs/e5_pretrain.py:tiny", "v5e:2x2", marks=pytest.mark.slow),
     pytest.param("configs/e5_finetune.py:tiny", "h100:8", marks=pytest.mark.slow),
 ])
+@pytest.mark.slow
 def test_tiny_recipes_compile_and_report_memory(spec, target):
     reports = fit.check_recipe(load(spec), target)
     assert len(reports) == (2 if "long_context" in spec else 1)  # stage by stage
@@ -84,6 +85,7 @@ def test_the_checked_batch_is_the_pipelines_batch(spec, devices):
     assert got == want
 
 
+@pytest.mark.slow
 def test_gradient_cache_holds_no_gradient_buffer_for_a_frozen_base():
     """A LoRA step with gradient caching over a base whose embedding dominates: before the
     fix the scan carried an fp32 gradient for the whole base (and the merged kernels);

@@ -416,6 +416,7 @@ def test_accelerator_types_map_to_their_topologies():
         fit_check.gpu_target("h100", 6, 2)
 
 
+@pytest.mark.slow
 def test_tpu_up_dry_run_shows_the_fit_check():
     proc = launch("tpu_vm.py", "up", *TPU, "--accelerator-type", "v5litepod-4", "--config", TINY,
                   "--workdir", WORKDIR, "--dry-run", timeout=600)
@@ -425,6 +426,7 @@ def test_tpu_up_dry_run_shows_the_fit_check():
     assert proc.stdout.splitlines()[0].startswith("gcloud compute tpus tpu-vm create")
 
 
+@pytest.mark.slow
 def test_tpu_create_refuses_a_config_that_cannot_fit():
     proc = launch("tpu_vm.py", "create", *TPU, "--accelerator-type", "v5litepod-4",
                   "--config", TINY, "--", OVERSIZED, timeout=600)

@@ -2,10 +2,13 @@
 
 import math
 
+import pytest
+
 from configs import foundation_demo
 from t5x_like import main as main_job
 
 
+@pytest.mark.slow
 def test_main_job_forward_on_real_text(devices):
     config = foundation_demo.get_config()
     config.model.num_layers = 1

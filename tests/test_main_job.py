@@ -6,9 +6,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from t5x_like import paths
 
 
+@pytest.mark.slow
 def test_main_script_trains_evaluates_and_prints_the_table(tmp_path):
     env = dict(os.environ, T5X_LIKE_MAIN_CONFIG="configs/minilm_scifact.py:tiny",
                T5X_LIKE_WORKDIR=str(tmp_path / "run"))

@@ -174,6 +174,7 @@ def _batch(rng, batch=16, group=3, q_len=8, p_len=12):
     return rows(batch, q_len), rows(batch * group, p_len)
 
 
+@pytest.mark.slow
 def test_gradient_cache_equals_plain_loss_and_gradients(devices):
     module, params = _tiny_encoder()
     queries, passages = _batch(np.random.default_rng(1))

@@ -42,6 +42,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.slow
 def test_fp32_forward_and_gradients(case):
     """fp32 runs only in interpret mode (wgmma exact there): the algorithm at 1e-5."""
     got, want = run_kernel_case(IMPLEMENTATION, case, jnp.float32)

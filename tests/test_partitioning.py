@@ -111,6 +111,7 @@ def _forward(mesh_shape, devices, tokens, segment_ids, positions):
     [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 2, "sequence": 4}],
     ids=["data8", "data2-fsdp2-tensor2", "data2-sequence4"],
 )
+@pytest.mark.slow
 def test_sharded_decoder_matches_one_device(devices, layout):
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, TINY.vocab_size, size=(8, 32)).astype(np.int32)

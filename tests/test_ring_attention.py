@@ -273,6 +273,7 @@ DECODER = DecoderConfig(vocab_size=64, embed_dim=32, num_layers=2, num_heads=4, 
                         head_dim=8, mlp_dim=64, max_position_embeddings=64, scan_layers=True)
 
 
+@pytest.mark.slow
 def test_decoder_sequence_sharded_matches_unsharded():
     """Loss and gradients of a packed batch: ring over sequence=4 vs one device, no mesh."""
     batch, length = 2, 32

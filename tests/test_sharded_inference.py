@@ -49,6 +49,7 @@ def _split_axes(placed) -> set:
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_encoder_embeddings_equal_one_device(devices, minilm, layout):
     want = minilm.encode(TEXTS, batch_size=6)
     sharded = dataclasses.replace(minilm, mesh=_partitioner(devices, layout))
@@ -58,6 +59,7 @@ def test_encoder_embeddings_equal_one_device(devices, minilm, layout):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_decoder_embeddings_equal_one_device(devices, minilm, layout):
     params = _decoder(dataclasses.replace(TINY, lm_head=False))
     one = Embedder(dataclasses.replace(TINY, lm_head=False), params, minilm.tokenizer,

@@ -3,6 +3,7 @@ equals one that ran straight through, bit for bit; config errors come first and 
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -16,11 +17,25 @@ from t5x_like.metrics import read_jsonl
 load = config_cli.load_with_overrides
 
 
-@pytest.mark.parametrize("spec", ["configs/e5_pretrain.py:tiny", "configs/e5_mistral_lora.py:tiny",
+PRETRAIN = "configs/e5_pretrain.py:tiny"
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(tmp_path_factory):
+    """One tiny e5_pretrain run (checkpoints at steps 2 and 3), shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("e5_pretrain_tiny")
+    return workdir, train.train(load(PRETRAIN), workdir)
+
+
+@pytest.mark.parametrize("spec", [PRETRAIN, "configs/e5_mistral_lora.py:tiny",
                                   "configs/long_context_demo.py:tiny"])
-def test_tiny_configs_train(devices, tmp_path, spec):
+@pytest.mark.slow
+def test_tiny_configs_train(devices, tmp_path, spec, request):
     lora = "lora" in spec
-    results = train.train(load(spec, **({"train.export": True} if lora else {})), tmp_path)
+    if spec == PRETRAIN:
+        tmp_path, results = request.getfixturevalue("pretrain_run")
+    else:
+        results = train.train(load(spec, **({"train.export": True} if lora else {})), tmp_path)
     assert results["steps"] == 3
     records = read_jsonl(tmp_path / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
@@ -40,6 +55,7 @@ def test_tiny_configs_train(devices, tmp_path, spec):
         np.testing.assert_array_equal(exported["embed"]["embedding"], ckpt["model"]["embed"]["embedding"])
 
 
+@pytest.mark.slow
 def test_staged_long_context_recipe_runs_every_stage_from_the_last(devices, tmp_path):
     """Two stages (128 then 256 tokens a row, RoPE base x4) in one call; the second starts
     from the first's export; running again skips both."""
@@ -86,6 +102,7 @@ def final_params(workdir):
     return jax.tree.leaves(restored["state"]["params"])
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_run_equals_the_uninterrupted_one(devices, tmp_path):
     """BM25 negatives, shuffled tf.data, dropout on: params, optimizer, RNG and the
     data iterator's position must all come back for the bits to agree."""
@@ -140,3 +157,28 @@ def test_config_errors_before_compute(tmp_path, caplog):
         run_config.check_config(load("configs/e5_finetune.py:tiny", **{
             "train.accumulation": 2, "train.batch_size": 8, "train.micro_batch_negatives": True}))
     assert "fewer in-batch negatives" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_passes_over_an_unreadable_step_and_checks_the_config(devices, pretrain_run,
+                                                                     tmp_path, caplog):
+    from test_checkpoints import truncate
+
+    shutil.copytree(pretrain_run[0], tmp_path / "run")
+    workdir = tmp_path / "run"
+    truncate(workdir / "checkpoints" / "3")
+    written = (workdir / "config.json").read_text()
+    # Another model shape is refused before anything is built; config.json is kept.
+    with pytest.raises(ValueError, match=r"model.config.num_layers 2 -> 3"):
+        train.train(load(PRETRAIN, **{"model.config.num_layers": 3}), workdir)
+    assert (workdir / "config.json").read_text() == written
+    # A longer schedule is a warning; the run resumes from step 2 and finishes step 4.
+    with caplog.at_level(logging.WARNING):
+        results = train.train(load(PRETRAIN, **{"train.steps": 4}), workdir)
+    assert "train.steps 3 -> 4" in caplog.text and "step 3 could not be read" in caplog.text
+    assert results["completed"] and results["steps"] == 4
+    assert checkpoints.Checkpointer(workdir / "checkpoints").all_steps() == [2, 4]
+    assert (workdir / "checkpoints.unreadable" / "3").is_dir()
+    steps = [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if "loss" in r]
+    assert steps[-2:] == [3, 4]
+    assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 4

@@ -72,6 +72,7 @@ LAYOUTS = [dict(data=8), dict(data=2, fsdp=2, tensor=2)]
 
 
 @pytest.mark.parametrize("name", ["lm", "dual_encoder"])
+@pytest.mark.slow
 def test_same_losses_on_one_and_eight_devices(devices, name):
     if name == "lm":
         task, batches = LanguageModelTask(DECODER, loss_chunk_size=8), lm_batches(1) * 3
@@ -85,6 +86,7 @@ def test_same_losses_on_one_and_eight_devices(devices, name):
     assert single[2] < single[0]  # it learns
 
 
+@pytest.mark.slow
 def test_context_parallel_lm_steps_equal_one_device(devices):
     """Ring attention with rows split 4 ways over `sequence` and parameters / batch over
     fsdp (the recipe's layout): three training steps give the unsharded losses. (Data x
@@ -99,6 +101,7 @@ def test_context_parallel_lm_steps_equal_one_device(devices):
     np.testing.assert_allclose(losses, single, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_large_batch(devices):
     task = LanguageModelTask(DECODER, loss_chunk_size=8)
     batches = lm_batches(2, batch=16)
@@ -111,6 +114,7 @@ def test_accumulation_equals_one_large_batch(devices):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_cache_step_equals_plain_step(devices):
     batches = contrastive_batches(2, batch=16)
     plain = DualEncoderTask(ENCODER, ContrastiveConfig(temperature=0.05))
@@ -124,6 +128,7 @@ def test_gradient_cache_step_equals_plain_step(devices):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=0.3 * 3e-3)
 
 
+@pytest.mark.slow
 def test_lora_trains_adapters_only(devices):
     task = DualEncoderTask(DECODER, ContrastiveConfig(temperature=0.02), pooling="last",
                            lora=LoraConfig(rank=4, alpha=8.0))
@@ -140,6 +145,7 @@ def test_lora_trains_adapters_only(devices):
     assert opt_size <= 2 * lora_size + 16
 
 
+@pytest.mark.slow
 def test_lora_with_gradient_caching_equals_the_plain_step(devices):
     """Gradient caching over a frozen base carries gradients for the adapters only; the
     losses and the adapters it trains are the single pass's."""
@@ -172,12 +178,14 @@ def test_frozen_base_is_kept_in_the_compute_dtype(devices):
     assert {str(x.dtype) for x in jax.tree.leaves(full.params["model"])} == {"float32"}
 
 
+@pytest.mark.slow
 def test_learnt_temperature_is_a_trained_parameter(devices):
     task = DualEncoderTask(ENCODER, ContrastiveConfig(temperature=0.05, learn_temperature=True))
     _, state, _ = run_steps(task, dict(data=8), contrastive_batches(2))
     assert float(state.params["log_scale"]) != pytest.approx(np.log(20.0), abs=1e-7)
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_reported(devices, tmp_path):
     task = LanguageModelTask(DECODER, loss_chunk_size=8)
     batches = lm_batches(3)
@@ -199,6 +207,7 @@ def test_nonfinite_step_is_skipped_and_reported(devices, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_another_mesh_layout(devices, tmp_path):
     task = LanguageModelTask(DECODER, loss_chunk_size=8)
     trainer, state, _ = run_steps(task, dict(data=8), lm_batches(2))
@@ -274,6 +283,7 @@ def distillation_reference(task, params, batch, micro_batches=1):
 
 
 @pytest.mark.parametrize("mode", ["plain", "grad_cache", "accumulation"])
+@pytest.mark.slow
 def test_distillation_steps_match_the_float64_reference(devices, mode):
     """Steps with teacher scores through DualEncoderTask and the trainer: every step's loss
     is the float64 reference at that step's parameters (KD + weighted InfoNCE)."""
