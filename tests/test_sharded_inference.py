@@ -71,6 +71,7 @@ def test_decoder_embeddings_equal_one_device(devices, minilm, layout):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.slow
 def test_probe_scores_equal_one_device(devices, layout):
     params = _decoder(TINY, seed=1)
     rng = np.random.default_rng(0)

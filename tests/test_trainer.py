@@ -229,6 +229,7 @@ def test_checkpoint_restores_onto_another_mesh_layout(devices, tmp_path):
     assert checkpoints.Checkpointer(tmp_path / "ckpt").restore_config() == {"note": "x"}
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops(devices, tmp_path):
     task = LanguageModelTask(DECODER, loss_chunk_size=8)
     mesh = part.make_mesh(part.MeshShape(data=8))
