@@ -113,16 +113,16 @@ def test_an_oversized_step_exits_1_with_advice():
 
 @pytest.mark.slow
 def test_find_batch_stops_between_a_fit_and_a_miss():
-    """One host device with a 40 MiB budget (``hbm_gib``): every batch tried fits exactly
+    """One host device with a 20 MiB budget (``hbm_gib``): every batch tried fits exactly
     when it is no larger than the answer, and the next step up (8 rows: 8 chunks of one
     row on one device) was tried."""
     cfg = load("configs/e5_mistral_lora.py:tiny", **{"train.grad_cache_chunks": 8})
     seen = []
-    best, over = fit.find_batch(cfg, "cpu:1", hbm_gib=40 / 1024, on_report=seen.append)
+    best, over = fit.find_batch(cfg, "cpu:1", hbm_gib=20 / 1024, on_report=seen.append)
     assert best is not None and best.fits and over == best.batch_size + 8
     assert any(r.batch_size == over and not r.fits for r in seen)
     assert all(r.fits == (r.batch_size <= best.batch_size) for r in seen)
-    assert all(r.peak_gib <= 40 / 1024 for r in seen if r.fits)
+    assert all(r.peak_gib <= 20 / 1024 for r in seen if r.fits)
 
 
 def test_usage_errors_are_one_line_with_exit_2():
